@@ -1,0 +1,53 @@
+"""Narrative Adaptive Memory: rank bank frames by relevance to the text of the coming chunk.
+
+S_i = mean over heads of <mean text key, mean frame key> / sqrt(d) (memflow-algorithm.md,
+section 3): rankers work on descriptors of [L, H, D] per frame, never on KV. The
+`Ranker` interface is what the Ray memory service implements too; both must call
+`select_best` so they choose identical frames.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+
+def nam_scores(text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """text [H, D] (mean cross-attention key of the prompt), frames [n, H, D] -> scores [n]."""
+    return (frames.float() * text.float()).sum(-1).mean(-1) / math.sqrt(text.shape[-1])
+
+
+def select_best(ids: list[int], scores: torch.Tensor, keep: int) -> list[int]:
+    """The `keep` best ids by score (ties: the earlier frame), returned in their original order."""
+    order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), i))[:keep]
+    return [ids[i] for i in sorted(order)]
+
+
+class Ranker(Protocol):
+    def record(self, video: str, frame: int, descriptor: torch.Tensor, meta: dict | None = None) -> None:
+        """Remember a prototype's descriptor [L, H, D] for `video`."""
+
+    def rank(self, video: str, text: torch.Tensor, candidates: list[list[int]], keep: int) -> list[list[int]]:
+        """Per block l: the `keep` best of candidates[l] against text[l] ([L, H, D])."""
+
+    def release(self, video: str) -> None:
+        """Forget everything about `video`."""
+
+
+class InProcessRanker:
+    """The single-process ranker: a dict of descriptors, scored on the CPU."""
+
+    def __init__(self):
+        self._frames: dict[str, dict[int, torch.Tensor]] = {}
+
+    def record(self, video, frame, descriptor, meta=None):
+        self._frames.setdefault(video, {})[frame] = descriptor.float().cpu()
+
+    def rank(self, video, text, candidates, keep):
+        frames = self._frames[video]
+        return [select_best(ids, nam_scores(text[l], torch.stack([frames[i][l] for i in ids])), keep)
+                for l, ids in enumerate(candidates)]
+
+    def release(self, video):
+        self._frames.pop(video, None)

@@ -1,0 +1,209 @@
+"""The generator: a script in, latents (and then an mp4) out, chunk by chunk.
+
+Built once (weights loaded once), then `generate` script after script: a Ray
+replica holds one `MemFlowGenerator` for its lifetime. Per script everything that
+grows with the video (the memory) lives in a fresh `StreamMemory`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .config import MemoryConfig, Preset, fingerprint, get_preset
+from .memory import InProcessRanker, Ranker, StreamMemory
+from .sampler import TRAIN_STEPS, denoising_sigmas, sample_chunk
+from .script import Plan, Script
+from .transformer import CausalWanTransformer, build_transformer, place
+
+
+@dataclass
+class ChunkEvent:
+    """Progress of one script: sent after each chunk."""
+
+    chunk: int
+    num_chunks: int
+    seconds: float
+    segment: int
+
+
+@dataclass
+class Generation:
+    video_id: str
+    script: Script
+    plan: Plan
+    latents: torch.Tensor  # [1, 16, L, h, w] float32, CPU
+    chunk_seconds: list[float]
+    trace: list[dict]  # bank frames per block after each NAM update
+    peak_memory_bytes: int  # KV held by sink + window + bank at its largest
+    fps: int
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.chunk_seconds)
+
+    @property
+    def generation_fps(self) -> float:
+        """Video frames generated per second of denoising (decode excluded)."""
+        return self.plan.num_video_frames / max(self.seconds, 1e-9)
+
+
+@dataclass
+class RenderResult:
+    generation: Generation
+    frames: int
+    decode_seconds: float
+    path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class MemFlowGenerator:
+    def __init__(self, transformer: CausalWanTransformer, text_encoder, vae, preset: Preset,
+                 memory: MemoryConfig | None = None, device: str = "cpu"):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.preset = preset
+        self.memory = memory or preset.memory
+        self.device = torch.device(device)
+        self.step_sigmas = denoising_sigmas()
+
+    @classmethod
+    def from_preset(cls, preset: str | Preset = "tiny", *, model: str | None = None, transformer: str | None = None,
+                    lora: str | None = None, memory: MemoryConfig | None = None, device: str | None = None,
+                    dtype: torch.dtype | None = None, seed: int = 0) -> "MemFlowGenerator":
+        """Build a generator. Random weights (seeded) unless weights are given:
+        `model`: a directory or URL in diffusers' Wan layout (transformer/, vae/,
+        text_encoder/, tokenizer/), optionally with MemFlow's base.pt and lora.pt at
+        its top level; `transformer` / `lora`: override the transformer weights
+        (diffusers folder, .safetensors/.pt/.pth, or MemFlow base.pt) and the LoRA."""
+        from .text import build_text_encoder
+        from .vae import WanVAE
+        from .weights import load_transformer_weights, resolve
+
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        device = device or default_device()
+        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        model_dir = resolve(model) if model else None
+        if model_dir is not None:
+            if transformer is None:
+                transformer = str(model_dir / "base.pt") if (model_dir / "base.pt").exists() else str(model_dir)
+            if lora is None and (model_dir / "lora.pt").exists():
+                lora = str(model_dir / "lora.pt")
+        net = build_transformer(preset.transformer, seed=seed, device="cpu", dtype=torch.float32)
+        if transformer is not None:
+            load_transformer_weights(net, transformer, lora=lora)
+        elif lora is not None:
+            raise ValueError("--lora needs base weights: give --model or --transformer too")
+        net = place(net, device, dtype)
+        text = build_text_encoder(preset, str(model_dir) if model_dir else None, device=device, dtype=dtype)
+        vae = (WanVAE.from_pretrained(str(model_dir), device=device) if model_dir is not None
+               else WanVAE.from_config(preset.vae, seed=seed, device=device))
+        return cls(net, text, vae, preset, memory, device)
+
+    @property
+    def config_fingerprint(self) -> str:
+        return fingerprint({"preset": self.preset.name, "memory": self.memory.__dict__,
+                            "sigmas": self.step_sigmas})
+
+    # -- generation -----------------------------------------------------------------------
+    def latent_shape(self, script: Script) -> tuple[int, int]:
+        height, width = script.resolution or (self.preset.height, self.preset.width)
+        return height // 8, width // 8
+
+    def generate(self, script: Script, *, ranker: Ranker | None = None, video_id: str | None = None,
+                 on_chunk: Callable[[ChunkEvent], None] | None = None,
+                 memory: StreamMemory | None = None) -> Generation:
+        """Render a script's latents. `ranker` serves NAM (in-process by default; the
+        Ray memory service in a cluster); `memory` lets tests inspect the state."""
+        cfg, fpc = self.memory, self.memory.frames_per_chunk
+        plan = script.plan(fpc)
+        h, w = self.latent_shape(script)
+        p = self.transformer.config.patch_size
+        video_id = video_id or script.video_id
+        mem = memory or StreamMemory(cfg, len(self.transformer.blocks), (h // p[1]) * (w // p[2]),
+                                     ranker or InProcessRanker(), video_id)
+        rng = torch.Generator("cpu").manual_seed(script.seed)
+        shape = (1, self.transformer.config.in_channels, fpc, h, w)
+
+        def noise():
+            return torch.randn(shape, generator=rng).to(self.device)
+
+        latents: list[torch.Tensor] = []
+        chunk_seconds, peak = [], 0
+        text = None
+        try:
+            for c in range(plan.num_chunks):
+                t0 = time.perf_counter()
+                seg = plan.segment_at(c)
+                start = c * fpc
+                if c == seg.start_chunk:
+                    text = self.transformer.text_context(self.text_encoder.encode([seg.prompt]).to(self.device))
+                    if c > 0:
+                        self._recache(mem, latents, text)
+                if mem.bank is not None:
+                    mem.update_bank(text.descriptor, c)
+
+                def flow(x, timestep):
+                    return self._pass(mem, x, timestep, start, text, write=False)
+
+                x0 = sample_chunk(flow, noise(), self.step_sigmas, noise)
+                context = x0
+                if cfg.context_noise > 0:
+                    sigma = cfg.context_noise / TRAIN_STEPS
+                    context = (1 - sigma) * x0 + sigma * noise()
+                self._pass(mem, context, cfg.context_noise, start, text, write=True,
+                           record=c % cfg.record_interval == 0)
+                latents.append(x0.float().cpu())
+                peak = max(peak, mem.nbytes())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                chunk_seconds.append(time.perf_counter() - t0)
+                if on_chunk is not None:
+                    on_chunk(ChunkEvent(c, plan.num_chunks, chunk_seconds[-1], seg.index))
+        finally:
+            if memory is None:
+                mem.close()
+        return Generation(video_id, script, plan, torch.cat(latents, 2), chunk_seconds, mem.trace, peak, script.fps)
+
+    def _pass(self, mem: StreamMemory, x, timestep: float, start: int, text, write: bool, record: bool = False):
+        frames = x.shape[2]
+        mem.begin_pass(start, frames, write=write, record=record)
+        t = torch.full((x.shape[0], frames), float(timestep), device=self.device)
+        v = self.transformer.forward_chunk(x, t, start, text, mem)
+        mem.end_pass()
+        return v
+
+    def _recache(self, mem: StreamMemory, latents: list[torch.Tensor], text) -> None:
+        """LongLive's KV re-cache at a prompt switch: recompute the window's frames at
+        the clean-context timestep under the new prompt, chunk by chunk, so the next
+        chunk continues the motion under the new text; sink and bank stay as they are."""
+        first, end = mem.window.start, mem.window.end
+        done = torch.cat(latents, 2)
+        mem.start_recache()
+        fpc = self.memory.frames_per_chunk
+        for s in range(first, end, fpc):
+            chunk = done[:, :, s:min(s + fpc, end)].to(self.device, self.transformer.dtype)
+            self._pass(mem, chunk, self.memory.context_noise, s, text, write=True)
+
+    # -- decoding ---------------------------------------------------------------------------
+    def frames(self, generation: Generation) -> Iterator[np.ndarray]:
+        """Decoded uint8 RGB frames, streamed (memory bounded for long videos)."""
+        return self.vae.decode_stream(generation.latents)
+
+    def render(self, script: Script, dest: str | Path, **kwargs) -> RenderResult:
+        """Generate, decode and write an mp4 (a local path or a writable binary file object)."""
+        from .video import write_mp4
+
+        gen = self.generate(script, **kwargs)
+        t0 = time.perf_counter()
+        n = write_mp4(self.frames(gen), dest, fps=gen.fps)
+        return RenderResult(gen, n, time.perf_counter() - t0, str(dest) if isinstance(dest, (str, Path)) else "")
