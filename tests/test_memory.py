@@ -1,0 +1,139 @@
+"""NAM and SMA against brute force; bank invariants; determinism; bounded memory."""
+import math
+
+import torch
+
+from memflow.config import PRESETS
+from memflow.memory import InProcessRanker, StreamMemory, frame_means, nam_scores, select_best, sma_select
+from memflow.memory.sma import gather_frames
+from memflow.pipeline import MemFlowGenerator
+from memflow.script import parse_script
+from memflow.transformer import build_transformer
+
+from .test_streaming_equivalence import SeededText
+
+
+def _generator(**memory):
+    preset = PRESETS["tiny"].with_memory(**memory) if memory else PRESETS["tiny"]
+    model = build_transformer(preset.transformer, seed=7)
+    return MemFlowGenerator(model, SeededText(preset.transformer["text_dim"]), None, preset, device="cpu")
+
+
+SCRIPT = {"segments": [{"prompt": f"scene {i}", "seconds": 1.5} for i in range(6)], "seed": 1}
+
+
+def test_nam_score_is_the_brute_force_mean():
+    g = torch.Generator().manual_seed(0)
+    heads, d, text_len, tokens, n = 3, 8, 40, 12, 5
+    q_text = torch.randn(heads, text_len, d, generator=g)
+    keys = torch.randn(n, heads, tokens, d, generator=g)
+    brute = torch.stack([torch.einsum("hjd,hnd->", q_text, k) / (heads * text_len * tokens) / math.sqrt(d)
+                         for k in keys])
+    descriptors = torch.stack([frame_means(k[None], tokens)[0, :, 0] for k in keys])
+    torch.testing.assert_close(nam_scores(q_text.mean(1), descriptors), brute, atol=1e-5, rtol=1e-5)
+    ids = [3, 9, 18, 27, 36]
+    expected = sorted(ids[i] for i in brute.topk(2).indices.tolist())
+    ranker = InProcessRanker()
+    for f, desc in zip(ids, descriptors):
+        ranker.record("v", f, desc[None].expand(2, -1, -1))
+    assert ranker.rank("v", q_text.mean(1)[None].expand(2, -1, -1), [ids, ids[::-1]], 2) == [expected, expected[::-1]]
+
+
+def test_select_best_ties_keep_earlier_and_order():
+    assert select_best([5, 1, 7], torch.tensor([1.0, 2.0, 1.0]), 2) == [5, 1]
+
+
+def test_nam_keeps_the_best_frames_of_the_live_model(monkeypatch):
+    """Every NAM update in a real generation keeps, per block, the frames whose full
+    (un-averaged) text-key x frame-key score is best, plus the new prototype."""
+    gen = _generator(mode="nam", bank_size=3, record_interval=1)
+    texts = []
+    real_text_context = gen.transformer.text_context
+    monkeypatch.setattr(gen.transformer, "text_context", lambda e: texts.append(real_text_context(e)) or texts[-1])
+    checks = []
+    real_update = StreamMemory.update_bank
+
+    def update(self, descriptor, chunk):
+        before = ([list(f) for f in self.bank.frames], [list(k) for k in self.bank.k], self.pending)
+        real_update(self, descriptor, chunk)
+        checks.append((before, [list(f) for f in self.bank.frames], texts[-1]))
+
+    monkeypatch.setattr(StreamMemory, "update_bank", update)
+    generation = gen.generate(parse_script(SCRIPT))
+    full_updates = 0
+    for (frames, keys, proto), after, text in checks:
+        if proto is None:
+            continue
+        for l, (ids, ks) in enumerate(zip(frames, keys)):
+            assert after[l][-1] == proto.frame, "the newest prototype always enters"
+            assert len(after[l]) <= 3
+            if len(ids) < 3:
+                assert after[l] == ids + [proto.frame]
+                continue
+            full_updates += 1
+            q = text.k[l][0]  # [H, S, D]
+            brute = torch.stack([torch.einsum("hjd,hnd->", q, k[0]) / (q.shape[0] * q.shape[1] * k.shape[2])
+                                 for k in ks]) / math.sqrt(q.shape[-1])
+            best = sorted(ids[i] for i in brute.topk(2).indices.tolist())
+            assert after[l][:-1] == best
+    assert full_updates > 10
+    assert generation.trace and all(len(f) <= 3 for t in generation.trace for f in t["frames"])
+
+
+def test_bank_selection_differs_between_blocks():
+    gen = _generator(mode="nam", bank_size=2, record_interval=1)
+    generation = gen.generate(parse_script(SCRIPT))
+    assert any(len({tuple(f) for f in t["frames"]}) > 1 for t in generation.trace), \
+        "selection is per block; with random weights some blocks must disagree"
+
+
+def test_sma_keeps_exactly_the_top_k_per_head():
+    g = torch.Generator().manual_seed(4)
+    b, h, m, d, k, tokens = 1, 4, 6, 8, 3, 5
+    q_mean = torch.randn(b, h, d, generator=g)
+    means = torch.randn(b, h, m, d, generator=g)
+    idx = sma_select(q_mean, means, k)
+    for head in range(h):
+        rel = [float(q_mean[0, head] @ means[0, head, c]) for c in range(m)]
+        best = sorted(sorted(range(m), key=lambda c: -rel[c])[:k])
+        assert idx[0, head].tolist() == best
+    keys = torch.randn(b, h, m * tokens, d, generator=g)
+    picked = gather_frames(keys, idx, tokens)
+    for head in range(h):
+        expected = torch.cat([keys[0, head, c * tokens:(c + 1) * tokens] for c in idx[0, head].tolist()])
+        torch.testing.assert_close(picked[0, head], expected)
+    assert picked.shape == (b, h, k * tokens, d)
+
+
+def test_determinism_by_seed():
+    gen = _generator()
+    a = gen.generate(parse_script(SCRIPT))
+    b = gen.generate(parse_script(SCRIPT))
+    c = gen.generate(parse_script({**SCRIPT, "seed": 2}))
+    assert torch.equal(a.latents, b.latents)
+    assert a.trace == b.trace
+    assert not torch.allclose(a.latents, c.latents)
+
+
+def test_memory_does_not_grow_with_length():
+    gen = _generator()
+    short = gen.generate(parse_script({"segments": [{"prompt": "a", "seconds": 4}, {"prompt": "b", "seconds": 4}]}))
+    long = gen.generate(parse_script({"segments": [{"prompt": "a", "seconds": 16}, {"prompt": "b", "seconds": 16}]}))
+    assert long.plan.num_chunks >= 4 * short.plan.num_chunks - 1
+    assert long.peak_memory_bytes == short.peak_memory_bytes > 0
+    cfg = gen.memory
+    tokens = 16
+    kv_frame = 2 * len(gen.transformer.blocks) * 2 * tokens * 24 * 4  # k+v, blocks, heads, tokens, head_dim, fp32
+    bound = (cfg.sink_size + cfg.window_past_frames + cfg.bank_size + 1) * kv_frame
+    assert long.peak_memory_bytes <= bound
+
+
+def test_memory_modes_change_the_video():
+    script = parse_script(SCRIPT)
+    off = _generator(mode="off").generate(script).latents
+    nam = _generator(mode="nam").generate(script).latents
+    sma = _generator(mode="nam+sma").generate(script).latents
+    first = 3 * 4  # chunks before the sink leaves the window are identical without a bank
+    assert torch.equal(off[:, :, :3], nam[:, :, :3])
+    assert not torch.allclose(off[:, :, first:], nam[:, :, first:])
+    assert not torch.allclose(nam[:, :, first:], sma[:, :, first:])
