@@ -106,7 +106,7 @@ class MemFlowGenerator:
         net = place(net, device, dtype)
         text = build_text_encoder(preset, str(model_dir) if model_dir else None, device=device, dtype=dtype)
         vae = (WanVAE.from_pretrained(str(model_dir), device=device) if model_dir is not None
-               else WanVAE.from_config(preset.vae, seed=seed, device=device))
+               else WanVAE.from_config(preset.vae, seed=seed).to(device))
         return cls(net, text, vae, preset, memory, device)
 
     @property

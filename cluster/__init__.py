@@ -1,0 +1,1 @@
+"""Ray actors around memflow: generator replicas, the memory bank service, storage."""

@@ -1,0 +1,1 @@
+"""Entry points submitted with `ray job submit`, and their input handling."""
