@@ -38,6 +38,8 @@ class StreamMemory:
         self.pending: Prototype | None = None
         self.trace: list[dict] = []  # retrieval trace: bank frames per block after each update
         self.debug: list[dict] | None = None  # set to [] to log every attention context (tests)
+        self.bank_version = 0  # bumps when the bank changes (invalidates the memory cache)
+        self._memory_cache: dict[int, tuple] = {}
         self.passes = 0  # forward passes so far (debug entries name theirs)
         self._pass: dict = {}
         self._proto: dict[str, list] = {}
@@ -56,8 +58,34 @@ class StreamMemory:
     def context(self, block: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keys and values [B, H, M, D] the chunk's queries q [B, H, N, D] attend to
         besides themselves; None when there are none (the first chunk)."""
-        T = self.tokens_per_frame
-        n_sink = self._pass["sink_frames"]
+        memory = self._memory(block)
+        parts_k, parts_v = [], []
+        if memory is not None:
+            mem_k, mem_v, mem_means = memory
+            chosen = None
+            if self.cfg.uses_sma and mem_means.shape[2] > self.cfg.sma_top_k:
+                chosen = sma_select(q.float().mean(2), mem_means, self.cfg.sma_top_k)
+                T = self.tokens_per_frame
+                mem_k, mem_v = gather_frames(mem_k, chosen, T), gather_frames(mem_v, chosen, T)
+            parts_k.append(mem_k), parts_v.append(mem_v)
+            if self.debug is not None:
+                self.debug.append(dict(index=self._pass["index"], block=block, sink_frames=self._pass["sink_frames"],
+                                       bank=list(self.bank.frames[block]) if self.bank is not None else [],
+                                       sma=None if chosen is None else chosen.cpu()))
+        if self.window.k[block] is not None:
+            parts_k.append(self.window.k[block]), parts_v.append(self.window.v[block])
+        if not parts_k:
+            return None
+        return torch.cat(parts_k, 2), torch.cat(parts_v, 2)
+
+    def _memory(self, block: int):
+        """[sink | bank] keys, values and mean keys of a block, concatenated once and
+        reused by every pass until the sink cut-off or the bank changes."""
+        key = (self._pass["sink_frames"], self.bank_version)
+        cached = self._memory_cache.get(block)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        T, n_sink = self.tokens_per_frame, self._pass["sink_frames"]
         mk, mv, means = [], [], []
         if n_sink:
             mk.append(self.sink.k[block][:, :, : n_sink * T])
@@ -66,23 +94,9 @@ class StreamMemory:
         bank = self.bank.kv(block) if self.bank is not None else None
         if bank is not None:
             mk.append(bank[0]), mv.append(bank[1]), means.append(bank[2])
-        parts_k, parts_v = [], []
-        if mk:
-            mem_k, mem_v, mem_means = torch.cat(mk, 2), torch.cat(mv, 2), torch.cat(means, 2)
-            chosen = None
-            if self.cfg.uses_sma and mem_means.shape[2] > self.cfg.sma_top_k:
-                chosen = sma_select(q.float().mean(2), mem_means, self.cfg.sma_top_k)
-                mem_k, mem_v = gather_frames(mem_k, chosen, T), gather_frames(mem_v, chosen, T)
-            parts_k.append(mem_k), parts_v.append(mem_v)
-            if self.debug is not None:
-                self.debug.append(dict(index=self._pass["index"], block=block, sink_frames=n_sink,
-                                       bank=list(self.bank.frames[block]) if bank is not None else [],
-                                       sma=None if chosen is None else chosen.cpu()))
-        if self.window.k[block] is not None:
-            parts_k.append(self.window.k[block]), parts_v.append(self.window.v[block])
-        if not parts_k:
-            return None
-        return torch.cat(parts_k, 2), torch.cat(parts_v, 2)
+        memory = (torch.cat(mk, 2), torch.cat(mv, 2), torch.cat(means, 2)) if mk else None
+        self._memory_cache[block] = (key, memory)
+        return memory
 
     def store(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the pass's keys/values (after RoPE) if it writes: sink, window, prototype."""
@@ -113,6 +127,7 @@ class StreamMemory:
             self.bank.retain(self.ranker.rank(self.video_id, text_descriptor, self.bank.frames,
                                               self.cfg.bank_size - 1))
         self.bank.append(proto)
+        self.bank_version += 1
         self.trace.append({"chunk": chunk, "frames": [list(f) for f in self.bank.frames]})
 
     def start_recache(self) -> None:
