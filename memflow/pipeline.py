@@ -41,6 +41,7 @@ class Generation:
     trace: list[dict]  # bank frames per block after each NAM update
     peak_memory_bytes: int  # KV held by sink + window + bank at its largest
     fps: int
+    retrieval: dict | None = None  # the ranker's summary: recorded frames, what each NAM update kept
 
     @property
     def seconds(self) -> float:
@@ -139,7 +140,7 @@ class MemFlowGenerator:
 
         latents: list[torch.Tensor] = []
         chunk_seconds, peak = [], 0
-        text = None
+        text, retrieval = None, None
         try:
             for c in range(plan.num_chunks):
                 t0 = time.perf_counter()
@@ -171,8 +172,9 @@ class MemFlowGenerator:
                     on_chunk(ChunkEvent(c, plan.num_chunks, chunk_seconds[-1], seg.index))
         finally:
             if memory is None:
-                mem.close()
-        return Generation(video_id, script, plan, torch.cat(latents, 2), chunk_seconds, mem.trace, peak, script.fps)
+                retrieval = mem.close()
+        return Generation(video_id, script, plan, torch.cat(latents, 2), chunk_seconds, mem.trace, peak,
+                          script.fps, retrieval)
 
     def _pass(self, mem: StreamMemory, x, timestep: float, start: int, text, write: bool, record: bool = False):
         frames = x.shape[2]

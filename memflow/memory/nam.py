@@ -31,23 +31,36 @@ class Ranker(Protocol):
     def rank(self, video: str, text: torch.Tensor, candidates: list[list[int]], keep: int) -> list[list[int]]:
         """Per block l: the `keep` best of candidates[l] against text[l] ([L, H, D])."""
 
-    def release(self, video: str) -> None:
-        """Forget everything about `video`."""
+    def release(self, video: str) -> dict | None:
+        """Forget everything about `video`; return its retrieval summary."""
 
 
 class InProcessRanker:
-    """The single-process ranker: a dict of descriptors, scored on the CPU."""
+    """The single-process ranker: descriptors in a dict, scored on the CPU. It keeps
+    every recorded prototype and a retrieval trace (what each update kept) per video."""
 
     def __init__(self):
-        self._frames: dict[str, dict[int, torch.Tensor]] = {}
+        self.videos: dict[str, dict] = {}
 
     def record(self, video, frame, descriptor, meta=None):
-        self._frames.setdefault(video, {})[frame] = descriptor.float().cpu()
+        state = self.videos.setdefault(video, {"frames": {}, "meta": {}, "trace": []})
+        state["frames"][frame] = descriptor.float().cpu()
+        state["meta"][frame] = meta or {}
 
     def rank(self, video, text, candidates, keep):
-        frames = self._frames[video]
-        return [select_best(ids, nam_scores(text[l], torch.stack([frames[i][l] for i in ids])), keep)
+        state = self.videos[video]
+        frames = state["frames"]
+        kept = [select_best(ids, nam_scores(text[l], torch.stack([frames[i][l] for i in ids])), keep)
                 for l, ids in enumerate(candidates)]
+        newest = state["meta"][max(frames)] if frames else {}
+        state["trace"].append({"chunk": newest.get("chunk"), "kept": kept})
+        return kept
 
     def release(self, video):
-        self._frames.pop(video, None)
+        state = self.videos.pop(video, None)
+        if state is None:
+            return None
+        return {"recorded_frames": sorted(state["frames"]), "updates": state["trace"]}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for v in self.videos.values() for t in v["frames"].values())

@@ -134,9 +134,11 @@ class StreamMemory:
         """A prompt switch: the window is recomputed under the new prompt; sink and bank stay."""
         self.window.clear()
 
-    def close(self) -> None:
+    def close(self) -> dict | None:
+        """Release the video's ranking state; returns the ranker's retrieval summary."""
         if self.ranker is not None and self.bank is not None:
-            self.ranker.release(self.video_id)
+            return self.ranker.release(self.video_id)
+        return None
 
     def nbytes(self) -> int:
         """Bytes of KV held (sink + window + bank + pending prototype)."""
