@@ -136,7 +136,9 @@ class Progress:
         self._tick()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, replicas: list | None = None) -> int:
+    """Run a batch job; `replicas` (actor handles with `render`) replace the generator
+    replicas, for the scheduler benchmark."""
     started = time.time()
     storage = Storage(args.output, args.endpoint_url)
     scripts_options = storage_options(args.scripts, args.endpoint_url)
@@ -148,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
     shards = start_shards(args.memory_shards, f"memflow-memory-{run_id}") if args.memory != "off" else []
     config = ReplicaConfig(output=args.output, preset=args.preset, model=args.model, memory=args.memory,
                            endpoint_url=args.endpoint_url, device="cuda" if use_gpu else "cpu")
-    replicas = [GeneratorReplica.options(name=f"memflow-replica-{run_id}-{i}", **replica_options(use_gpu))
-                .remote(config, shards or None, i) for i in range(replicas_n)]
+    if replicas is None:
+        replicas = [GeneratorReplica.options(name=f"memflow-replica-{run_id}-{i}", **replica_options(use_gpu))
+                    .remote(config, shards or None, i) for i in range(replicas_n)]
+    replicas_n = len(replicas)
     log.info("run %s: %d replica(s) on %s, %d memory shard(s), preset %s, output %s", run_id, replicas_n,
              "GPU" if use_gpu else "CPU", len(shards), args.preset, storage)
 
