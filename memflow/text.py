@@ -7,6 +7,7 @@ are zeroed. `TinyTextEncoder` is an offline random UMT5 for tests and benchmarks
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,7 +19,7 @@ TEXT_LEN = 512
 _PAD, _EOS, _BYTE0 = 0, 1, 2  # tiny vocabulary: pad, eos, then the 256 byte values
 
 
-class _TextEncoder:
+class _TextEncoder(ABC):
     """Runs a UMT5 encoder the Wan way and keeps a bounded LRU of encodings.
 
     Each new prompt is encoded on its own (not batched with others) so that its
@@ -32,9 +33,9 @@ class _TextEncoder:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
+    @abstractmethod
     def _tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (input_ids [1, text_len], attention_mask [1, text_len])."""
-        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:

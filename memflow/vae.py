@@ -65,7 +65,8 @@ class WanVAE:
         return self.model.dtype
 
     def to(self, device=None, dtype=None) -> "WanVAE":
-        self.model.to(device=device, dtype=dtype)
+        # nn.Module.to: diffusers' own .to warns about fp32 modules this VAE does not have
+        torch.nn.Module.to(self.model, device=device, dtype=dtype)
         return self
 
     def decode_stream(self, latents: torch.Tensor | Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
