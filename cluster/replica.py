@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.util import metrics
+from safetensors.torch import save
 
 from memflow.pipeline import MemFlowGenerator
 from memflow.script import Script
@@ -36,6 +37,7 @@ class ReplicaConfig:
     memory: str = "nam+sma"
     endpoint_url: str | None = None
     device: str | None = None
+    save_latents: bool = False  # latents/<id>.safetensors too (regression runs compare them)
 
 
 def record_path(video_id: str) -> str:
@@ -44,6 +46,10 @@ def record_path(video_id: str) -> str:
 
 def video_path(video_id: str) -> str:
     return f"videos/{video_id}.mp4"
+
+
+def latents_path(video_id: str) -> str:
+    return f"latents/{video_id}.safetensors"
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"status": 1})
@@ -94,6 +100,8 @@ class GeneratorReplica:
                 frames = write_mp4(self.generator.frames(gen), local, fps=gen.fps)
                 t2 = time.perf_counter()
                 self.storage.upload_file(local, video_path(video_id))
+                if self.config.save_latents:
+                    self.storage.write_bytes(latents_path(video_id), save({"latents": gen.latents.contiguous()}))
                 t3 = time.perf_counter()
             record = build_record(self, script, gen, video_id, frames, attempt,
                                   timings={"generate_s": t1 - t0, "decode_encode_s": t2 - t1, "upload_s": t3 - t2})

@@ -1,0 +1,207 @@
+"""Nightly regression renders: did a change to the model, the weights or the code make
+videos different, worse or slower?
+
+    ray job submit --working-dir . -- python jobs/regression.py --suite URL --baseline URL --output URL [--model URL]
+    python jobs/regression.py      # local, tiny preset, bundled suite; creates the baseline on first run
+
+The suite's scripts (fixed seeds) are rendered through the batch machinery into
+<output>/render/ (a batch output, latents included), then each video is compared
+with the baseline render of the same script (jobs/compare.py) and flagged when a
+measure crosses its threshold. Written to <output>: report/index.html (+ images),
+comparison.json and comparison.parquet. `--promote` makes this render the new
+baseline. Exit status: 0 no regression, 1 regression found, 2 the run itself failed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import fsspec  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator  # noqa: E402
+
+from cluster.replica import latents_path, record_path, video_path  # noqa: E402
+from cluster.storage import Storage, storage_options  # noqa: E402
+from jobs import batch  # noqa: E402
+from jobs.compare import Thresholds, compare_videos, judge, latent_difference  # noqa: E402
+from jobs.report import script_images, suite_plots, write_html  # noqa: E402
+from memflow.config import MEMORY_MODES, PRESETS  # noqa: E402
+from memflow.script import ScriptError, parse_script  # noqa: E402
+
+EXIT_CLEAN, EXIT_REGRESSED, EXIT_FAILED = 0, 1, 2
+SAMPLE_SUITE = REPO / "examples" / "regression_suite.json"
+
+
+class Suite(BaseModel):
+    """Scripts with fixed seeds, and the thresholds they are judged by."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "regression"
+    scripts: list[dict]
+    thresholds: Thresholds = Thresholds()
+
+    @model_validator(mode="after")
+    def _seeds_fixed(self):
+        if not self.scripts:
+            raise ValueError("scripts: a suite needs at least one script")
+        for i, s in enumerate(self.scripts):
+            if not isinstance(s, dict) or "seed" not in s:
+                raise ValueError(f"scripts.{i}.seed: every suite script needs a fixed seed")
+        return self
+
+
+def load_suite(url: str, endpoint_url: str | None) -> tuple[Suite, list]:
+    with fsspec.open(url, "r", **storage_options(url, endpoint_url)) as f:
+        data = json.load(f)
+    suite = Suite.model_validate(data)
+    scripts = []
+    for i, raw in enumerate(suite.scripts):
+        try:
+            scripts.append(parse_script(raw))
+        except ScriptError as e:
+            raise ScriptError(f"scripts.{i}: {e}") from None
+    return suite, scripts
+
+
+def copy_render(src: Storage, dst: Storage) -> None:
+    """Make dst a copy of the batch output src: payloads first, records (commit
+    markers) after them, then drop what src does not have."""
+    for folder in ("videos", "latents", "manifest", "metrics", "records"):
+        names = src.list(folder)
+        for name in names:
+            dst.write_bytes(f"{folder}/{name}", src.read_bytes(f"{folder}/{name}"))
+        for stale in set(dst.list(folder)) - set(names):
+            dst.delete(f"{folder}/{stale}")
+    dst.write_bytes("summary.json", src.read_bytes("summary.json"))
+
+
+def _read_optional(storage: Storage, rel: str) -> bytes | None:
+    return storage.read_bytes(rel) if storage.exists(rel) else None
+
+
+def compare_runs(base: Storage, cand: Storage, out: Storage, video_ids: list[str], thresholds: Thresholds) -> list[dict]:
+    rows, images, psnr_series = [], {}, {}
+    for vid in video_ids:
+        row = {"id": vid}
+        if not cand.exists(record_path(vid)):
+            row.update(status="not rendered", regressed=True, regressed_measures=["render"])
+        elif not base.exists(record_path(vid)):
+            row.update(status="new (no baseline)", regressed=False)
+        else:
+            b_rec = json.loads(base.read_text(record_path(vid)))
+            c_rec = json.loads(cand.read_text(record_path(vid)))
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = []
+                for name, store in (("b", base), ("c", cand)):
+                    paths.append(Path(tmp) / f"{name}.mp4")
+                    paths[-1].write_bytes(store.read_bytes(video_path(vid)))
+                video = compare_videos(paths[0], paths[1], c_rec["num_frames"])
+            diff = latent_difference(_read_optional(base, latents_path(vid)), _read_optional(cand, latents_path(vid)))
+            row.update(judge(b_rec, c_rec, video, diff, thresholds))
+            row["status"] = "regressed" if row["regressed"] else "clean"
+            images[vid] = script_images(out, vid, video)
+            psnr_series[vid] = video.psnr
+        rows.append(row)
+    return rows, images, psnr_series
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def write_tables(out: Storage, rows: list[dict]) -> None:
+    out.write_json("comparison.json", [{k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
+                                        for k, v in r.items()} for r in rows])
+    flat = [{k: (",".join(v) if isinstance(v, list) else _json_safe(v)) for k, v in r.items()} for r in rows]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(flat), buf)
+    out.write_bytes("comparison.parquet", buf.getvalue())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default=str(SAMPLE_SUITE), help="suite JSON: {name, scripts: [...], thresholds: {...}}")
+    p.add_argument("--baseline", default="./outputs/regression/baseline", help="baseline render (a batch output)")
+    p.add_argument("--output", default="./outputs/regression/latest", help="where this run's render and report go")
+    p.add_argument("--model", help="weights directory/URL")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--memory", default="nam+sma", choices=MEMORY_MODES)
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--memory-shards", type=int, default=1)
+    p.add_argument("--endpoint-url")
+    p.add_argument("--address")
+    p.add_argument("--promote", action="store_true", help="make this run the new baseline")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    suite, scripts = load_suite(args.suite, args.endpoint_url)
+    out = Storage(args.output, args.endpoint_url)
+    base = Storage(args.baseline, args.endpoint_url)
+    render = Storage(out.url_for("render"), args.endpoint_url)
+    ids = [s.video_id for s in scripts]
+    out.write_text("suite.jsonl", "".join(
+        json.dumps({**s.model_dump(mode="json", exclude_none=True), "id": vid}) + "\n" for s, vid in zip(scripts, ids)))
+    batch_argv = ["--scripts", out.url_for("suite.jsonl"), "--output", render.url, "--preset", args.preset,
+                  "--memory", args.memory, "--memory-shards", str(args.memory_shards), "--save-latents"]
+    for flag, value in (("--model", args.model), ("--replicas", args.replicas),
+                        ("--endpoint-url", args.endpoint_url), ("--address", args.address)):
+        if value is not None:
+            batch_argv += [flag, str(value)]
+    status = batch.run(batch.parse_args(batch_argv))
+    if status == batch.EXIT_FAILED:
+        print(f"verdict: run failed: the suite did not render (see {render.url_for('errors.jsonl')})")
+        return EXIT_FAILED
+
+    if not base.exists("summary.json"):
+        copy_render(render, base)
+        print(f"verdict: no baseline at {base.url}: created it from this run; later runs compare against it")
+        return EXIT_CLEAN
+
+    rows, images, psnr_series = compare_runs(base, render, out, ids, suite.thresholds)
+    write_tables(out, rows)
+    regressed = [r["id"] for r in rows if r.get("regressed")]
+    failed = [r["id"] for r in rows if r["status"] == "not rendered"]
+    if failed:
+        verdict = f"run failed: {len(failed)} script(s) not rendered"
+    elif regressed:
+        verdict = f"REGRESSION in {len(regressed)} of {len(rows)} script(s): " + "; ".join(
+            f"{r['id']} ({', '.join(r['regressed_measures'])})" for r in rows if r.get("regressed"))
+    else:
+        verdict = f"clean: {len(rows)} script(s) match the baseline"
+    plots = suite_plots(out, psnr_series, rows)
+    page = write_html(out, f"MemFlow regression: {suite.name}", verdict, rows, images, plots,
+                      suite.thresholds.model_dump())
+    if args.promote:
+        copy_render(render, base)
+        verdict += f"; promoted to baseline {base.url}"
+    print(f"report: {out.url_for(page)}")
+    print(f"verdict: {verdict}")
+    return EXIT_FAILED if failed else EXIT_REGRESSED if regressed else EXIT_CLEAN
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValidationError, ScriptError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"verdict: run failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:  # anything else is a failed run too, never "regression found"
+        print(f"verdict: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from e
+
+
+if __name__ == "__main__":
+    sys.exit(main())
