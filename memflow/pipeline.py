@@ -106,7 +106,10 @@ class MemFlowGenerator:
             raise ValueError("--lora needs base weights: give --model or --transformer too")
         net = place(net, device, dtype)
         text = build_text_encoder(preset, str(model_dir) if model_dir else None, device=device, dtype=dtype)
-        vae = (WanVAE.from_pretrained(str(model_dir), device=device) if model_dir is not None
+        # Random-weight presets take the VAE from the model folder only when it has one
+        # (a folder may carry just a transformer); the official preset always needs it.
+        real_vae = model_dir is not None and (preset.text_encoder == "umt5" or (model_dir / "vae").exists())
+        vae = (WanVAE.from_pretrained(str(model_dir), device=device) if real_vae
                else WanVAE.from_config(preset.vae, seed=seed).to(device))
         return cls(net, text, vae, preset, memory, device)
 
