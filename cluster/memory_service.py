@@ -11,7 +11,9 @@ state, so a shard's memory does not grow with the number of videos rendered.
 A shard that dies is restarted by Ray with empty state. The client marks each
 video's first record; a shard asked about a video it never saw open raises
 `VideoStateLost`, which fails the render attempt so the driver retries the script
-rather than let the video go on with a silently degraded memory.
+rather than let the video go on with a silently degraded memory. A first record
+starts the video afresh, so a retry never inherits the state (and retrieval trace)
+of an attempt whose replica died before releasing it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ class VideoStateLost(RuntimeError):
     """The shard holding this video's memory restarted: the render must be retried."""
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+# A call that meets the shard restarting waits for it and runs there (max_task_retries),
+# rather than fail at once: every call is safe to repeat (state lost raises VideoStateLost).
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class MemoryShard:
     def __init__(self, index: int):
         self.index = index
@@ -38,7 +42,9 @@ class MemoryShard:
                                  "(it restarted since the video began)")
 
     def record(self, video, frame, descriptor, meta, first: bool) -> None:
-        if not first:
+        if first:  # a render (re)starts: drop what an attempt that died mid-video left here
+            self.ranker.release(video)
+        else:
             self._check(video)
         self.ranker.record(video, frame, descriptor, meta)
 

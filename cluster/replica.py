@@ -26,7 +26,7 @@ from memflow.script import Script
 from memflow.video import write_mp4
 
 from .memory_service import MemoryServiceClient
-from .storage import Storage
+from .storage import Storage, StorageEnv
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,9 @@ class ReplicaConfig:
     memory: str = "nam+sma"
     endpoint_url: str | None = None
     device: str | None = None
+    storage_env: StorageEnv | None = None  # the driver's, applied before anything is read or written
     save_latents: bool = False  # latents/<id>.safetensors too (regression runs compare them)
+    crf: int = 18  # H.264 quality; 0 is lossless, the only setting whose pixels are reproducible run to run
 
 
 def record_path(video_id: str) -> str:
@@ -58,6 +60,8 @@ class GeneratorReplica:
         from memflow.config import get_preset
 
         t0 = time.perf_counter()
+        if config.storage_env is not None:
+            config.storage_env.apply()
         self.config, self.index = config, index
         preset = get_preset(config.preset).with_memory(mode=config.memory)
         self.generator = MemFlowGenerator.from_preset(preset, model=config.model, device=config.device)
@@ -97,7 +101,7 @@ class GeneratorReplica:
             with tempfile.TemporaryDirectory(prefix="memflow-") as tmp:
                 local = os.path.join(tmp, "video.mp4")
                 t1 = time.perf_counter()
-                frames = write_mp4(self.generator.frames(gen), local, fps=gen.fps)
+                frames = write_mp4(self.generator.frames(gen), local, fps=gen.fps, crf=self.config.crf)
                 t2 = time.perf_counter()
                 self.storage.upload_file(local, video_path(video_id))
                 if self.config.save_latents:
@@ -129,6 +133,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
         "num_frames": frames,
         "seconds": frames / gen.fps,
         "num_chunks": plan.num_chunks,
+        "encoding": {"codec": "h264", "crf": replica.config.crf},
         "segments": [{"index": s.index, "prompt": s.prompt, "start_frame": s.video_start, "end_frame": s.video_end,
                       "start_s": s.video_start / gen.fps, "end_s": s.video_end / gen.fps,
                       "latent_start": s.start_frame, "latent_end": s.end_frame} for s in plan.segments],
@@ -139,7 +144,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
         "replica": {"index": replica.index, "host": socket.gethostname(), "node_id": ctx.get_node_id(),
                     "actor_id": ctx.get_actor_id(), "device": str(replica.generator.device)},
         "attempts": attempt,
-        "retrieval": {"bank_trace": gen.trace, "service": gen.retrieval},
+        "retrieval": {"bank_trace": gen.trace, "sma_trace": gen.sma_trace, "service": gen.retrieval},
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

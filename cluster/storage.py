@@ -36,6 +36,9 @@ T = TypeVar("T")
 
 S3_PROTOCOLS = ("s3", "s3a")
 S3_ENDPOINT_ENV = ("MEMFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# The environment a process needs to reach object storage as the driver does (see StorageEnv).
+STORAGE_ENV = S3_ENDPOINT_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                 "AWS_REGION", "AWS_DEFAULT_REGION")
 # Options that would carry a secret; refused so that secrets only live in the env/chain.
 SECRET_OPTIONS = frozenset({"key", "secret", "token", "password", "username",
                             "aws_access_key_id", "aws_secret_access_key", "aws_session_token"})
@@ -67,6 +70,23 @@ def storage_options(url: str, endpoint_url: str | None = None, **options: Any) -
     elif endpoint_url:
         raise ValueError(f"endpoint_url applies to s3:// URLs, not {protocol}://")
     return opts
+
+
+class StorageEnv:
+    """This process's object storage endpoint and credentials (STORAGE_ENV), to `apply()`
+    in an actor: Ray actors inherit their node's environment, not the driver's.
+
+    Handed over as an actor argument, not as a runtime_env, because Ray logs runtime_envs
+    (runtime_env_agent.log) with their values; the repr names variables, never values."""
+
+    def __init__(self):
+        self._values = {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
+
+    def __repr__(self) -> str:
+        return f"StorageEnv({sorted(self._values)})"
+
+    def apply(self) -> None:
+        os.environ.update(self._values)
 
 
 class Storage:

@@ -35,7 +35,7 @@ from cluster.dataset import compact  # noqa: E402
 from cluster.memory_service import start_shards  # noqa: E402
 from cluster.replica import GeneratorReplica, ReplicaConfig, record_path, replica_options  # noqa: E402
 from cluster.scheduler import Scheduler, Task  # noqa: E402
-from cluster.storage import Storage, storage_options  # noqa: E402
+from cluster.storage import Storage, StorageEnv, storage_options  # noqa: E402
 from jobs.manifest import count_manifest, iter_manifest  # noqa: E402
 from memflow.config import MEMORY_MODES, PRESETS  # noqa: E402
 
@@ -58,12 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (else env MEMFLOW_S3_ENDPOINT / AWS_ENDPOINT_URL)")
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
                    help="replica placement: one GPU each, or CPU (auto: GPU when the cluster has one)")
+    p.add_argument("--save-latents", action="store_true", help="also write latents/<id>.safetensors")
+    p.add_argument("--crf", type=int, default=18,
+                   help="H.264 quality, 0-51 (default 18). 0 is lossless and bit-reproducible: x264 is not "
+                        "at other settings, so regression renders use 0")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     args = p.parse_args(argv)
     for name in ("replicas", "in_flight", "max_attempts"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.crf <= 51:
+        p.error("--crf must be between 0 (lossless) and 51")
     if args.memory_shards < 0:
         p.error("--memory-shards must be >= 0")
     return args
@@ -138,10 +144,11 @@ class Progress:
 
 def run(args: argparse.Namespace, replicas: list | None = None) -> int:
     """Run a batch job; `replicas` (actor handles with `render`) replace the generator
-    replicas, for the scheduler benchmark."""
+    replicas, as the scheduler benchmark's sleeping ones do."""
     started = time.time()
     storage = Storage(args.output, args.endpoint_url)
     scripts_options = storage_options(args.scripts, args.endpoint_url)
+    total = count_manifest(args.scripts, scripts_options)  # a missing manifest fails before any actor starts
     init_ray(args.address)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = args.device == "gpu" or (args.device == "auto" and gpus > 0)
@@ -149,16 +156,19 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     shards = start_shards(args.memory_shards, f"memflow-memory-{run_id}") if args.memory != "off" else []
     config = ReplicaConfig(output=args.output, preset=args.preset, model=args.model, memory=args.memory,
-                           endpoint_url=args.endpoint_url, device="cuda" if use_gpu else "cpu")
+                           endpoint_url=args.endpoint_url, device="cuda" if use_gpu else "cpu",
+                           storage_env=StorageEnv(), save_latents=args.save_latents, crf=args.crf)
+    owned = list(shards)  # actors this run starts, and kills when it ends
     if replicas is None:
         replicas = [GeneratorReplica.options(name=f"memflow-replica-{run_id}-{i}", **replica_options(use_gpu))
                     .remote(config, shards or None, i) for i in range(replicas_n)]
+        owned += replicas
     replicas_n = len(replicas)
     log.info("run %s: %d replica(s) on %s, %d memory shard(s), preset %s, output %s", run_id, replicas_n,
              "GPU" if use_gpu else "CPU", len(shards), args.preset, storage)
 
     errors = ErrorLog()
-    progress = Progress(count_manifest(args.scripts, scripts_options))
+    progress = Progress(total)
     active: dict[str, int] = {}  # video id -> manifest line, for scripts in flight
 
     def tasks():
@@ -179,15 +189,20 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
             yield Task(vid, item.script.model_dump(mode="json"), item.line)
 
     scheduler = Scheduler(replicas, lambda r, t: r.render.remote(t.script, t.video_id, t.attempts),
+                          probe=lambda r: r.status.options(max_task_retries=-1).remote(),
                           per_replica=args.in_flight, max_attempts=args.max_attempts)
-    for task, record in scheduler.run(tasks()):
-        active.pop(task.video_id, None)
-        if record is not None:
-            progress.committed_one(record)
-        else:
-            errors.add(line=task.line, id=task.video_id, reason=f"failed after {task.attempts} attempts",
-                       attempts=task.errors)
-            progress.failed_one()
+    try:
+        for task, record in scheduler.run(tasks()):
+            active.pop(task.video_id, None)
+            if record is not None:
+                progress.committed_one(record)
+            else:
+                errors.add(line=task.line, id=task.video_id, reason=f"failed after {task.attempts} attempts",
+                           attempts=task.errors)
+                progress.failed_one()
+    finally:  # free their CPUs/GPUs now: the process that called run() may go on to run more
+        for actor in owned:
+            ray.kill(actor)
     progress.bar.close()
 
     rows = compact(storage)
@@ -202,7 +217,7 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
         "videos_per_hour": progress.committed / max(wall / 3600, 1e-9),
         "config": {"preset": args.preset, "memory": args.memory, "model": args.model or "random",
                    "replicas": replicas_n, "device": "gpu" if use_gpu else "cpu", "memory_shards": len(shards),
-                   "in_flight": args.in_flight, "max_attempts": args.max_attempts},
+                   "in_flight": args.in_flight, "max_attempts": args.max_attempts, "crf": args.crf},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
     storage.write_json("summary.json", summary)

@@ -32,7 +32,7 @@ class Thresholds(BaseModel):
     fps_drop_max: float = Field(0.25, description="largest acceptable relative drop of generation FPS")
     chunk_seconds_increase_max: float = Field(0.25, description="largest acceptable relative rise of s/chunk")
     memory_increase_max: float = Field(0.10, description="largest acceptable relative rise of KV memory held")
-    traces_must_match: bool = Field(True, description="memory retrieval traces must be identical")
+    traces_must_match: bool = Field(True, description="retrieval traces (bank contents, SMA picks) must be identical")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,7 +133,7 @@ def judge(base: dict, cand: dict, video: VideoComparison, latent_diff: float | N
         "chunk_s_baseline": b_chunk, "chunk_s_candidate": c_chunk, "chunk_s_change": _ratio(c_chunk, b_chunk),
         "kv_bytes_baseline": bt["peak_kv_bytes"], "kv_bytes_candidate": ct["peak_kv_bytes"],
         "kv_change": _ratio(ct["peak_kv_bytes"], bt["peak_kv_bytes"]),
-        "traces_match": base["retrieval"]["bank_trace"] == cand["retrieval"]["bank_trace"],
+        "traces_match": all(base["retrieval"].get(k) == cand["retrieval"].get(k) for k in ("bank_trace", "sma_trace")),
         "config_changed": base["model"]["fingerprint"] != cand["model"]["fingerprint"],
     }
     flags = {

@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     out.write_text("suite.jsonl", "".join(
         json.dumps({**s.model_dump(mode="json", exclude_none=True), "id": vid}) + "\n" for s, vid in zip(scripts, ids)))
     batch_argv = ["--scripts", out.url_for("suite.jsonl"), "--output", render.url, "--preset", args.preset,
-                  "--memory", args.memory, "--memory-shards", str(args.memory_shards), "--save-latents"]
+                  "--memory", args.memory, "--memory-shards", str(args.memory_shards), "--save-latents",
+                  "--crf", "0"]  # lossless: x264 is not bit-reproducible otherwise, and PSNR should see the model
     for flag, value in (("--model", args.model), ("--replicas", args.replicas),
                         ("--endpoint-url", args.endpoint_url), ("--address", args.address)):
         if value is not None:

@@ -42,6 +42,7 @@ class Generation:
     peak_memory_bytes: int  # KV held by sink + window + bank at its largest
     fps: int
     retrieval: dict | None = None  # the ranker's summary: recorded frames, what each NAM update kept
+    sma_trace: list[dict] = field(default_factory=list)  # memory frames SMA attended, per writing pass
 
     @property
     def seconds(self) -> float:
@@ -177,7 +178,7 @@ class MemFlowGenerator:
             if memory is None:
                 retrieval = mem.close()
         return Generation(video_id, script, plan, torch.cat(latents, 2), chunk_seconds, mem.trace, peak,
-                          script.fps, retrieval)
+                          script.fps, retrieval, mem.sma_trace)
 
     def _pass(self, mem: StreamMemory, x, timestep: float, start: int, text, write: bool, record: bool = False):
         frames = x.shape[2]

@@ -22,7 +22,11 @@ def _target(f: Source):
 
 def write_mp4(frames: Iterable[np.ndarray], dest: Source, fps: int, crf: int = 18) -> int:
     """Encode uint8 RGB frames [H, W, 3] (H and W even, as yuv420p needs) to H.264
-    MP4 at `fps`; returns the number of frames written."""
+    MP4 at `fps`; returns the number of frames written.
+
+    Only `crf=0` (lossless) decodes to the same pixels every time: at other settings the
+    x264 that PyAV bundles makes run-to-run different choices for identical input (it reads
+    memory it never initialised: runs agree under glibc's MALLOC_PERTURB_)."""
     it = iter(frames)
     first = next(it, None)
     if first is None:

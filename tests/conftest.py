@@ -41,3 +41,44 @@ def s3_server():
 def s3_bucket(s3_server) -> str:
     """The bucket that `s3_server` created."""
     return BUCKET
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A private Ray head on 127.0.0.1 (tests/ray_cluster.py), 4 CPUs, for the whole session.
+
+    While it lives, this process's environment carries its auth settings and no
+    RAY_ADDRESS of anyone else's, and Ray in this process keeps to 127.0.0.1, so
+    `ray.init(address=ray_head.gcs_address)` and the Jobs SDK reach it."""
+    from ray._private import ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    from tests.ray_cluster import start_head
+
+    head = start_head(num_cpus=4)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("RAY_ADDRESS", raising=False)
+            for name, value in head.client_env.items():
+                mp.setenv(name, value)
+            # Both read from the environment when Ray was imported: refresh them.
+            mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+            reset_auth_token_state()
+            yield head
+        reset_auth_token_state()
+    finally:
+        head.stop()
+
+
+@pytest.fixture
+def ray_client(ray_head):
+    """This process connected to `ray_head` as a driver; disconnected after the test."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    try:
+        yield ray_head
+    finally:
+        ray.shutdown()

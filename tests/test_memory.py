@@ -105,13 +105,33 @@ def test_sma_keeps_exactly_the_top_k_per_head():
     assert picked.shape == (b, h, k * tokens, d)
 
 
+def test_sma_trace_counts_what_sma_attended_on_writing_passes():
+    gen = _generator()
+    mem = StreamMemory(gen.memory, len(gen.transformer.blocks), 16, InProcessRanker(), "v")
+    mem.debug = []
+    gen.generate(parse_script(SCRIPT), memory=mem)
+    expected: dict[int, tuple] = {}  # pass -> (its start frame, memory frame -> (block, head) picks)
+    for d in mem.debug:
+        if d["write"] and d["sma"] is not None:
+            frames = list(range(d["sink_frames"])) + d["bank"]
+            counts = expected.setdefault(d["index"], (d["start"], {}))[1]
+            for i in d["sma"].flatten().tolist():
+                counts[frames[i]] = counts.get(frames[i], 0) + 1
+    assert len(expected) > 3
+    assert [(t["start"], dict(t["frames"])) for t in mem.sma_trace] == list(expected.values())
+    heads, top_k = gen.transformer.config.num_attention_heads, gen.memory.sma_top_k
+    for t in mem.sma_trace:  # every (block, head) pair picks exactly top_k frames
+        assert sum(n for _, n in t["frames"]) == len(gen.transformer.blocks) * heads * top_k
+    assert _generator(mode="nam").generate(parse_script(SCRIPT)).sma_trace == []
+
+
 def test_determinism_by_seed():
     gen = _generator()
     a = gen.generate(parse_script(SCRIPT))
     b = gen.generate(parse_script(SCRIPT))
     c = gen.generate(parse_script({**SCRIPT, "seed": 2}))
     assert torch.equal(a.latents, b.latents)
-    assert a.trace == b.trace
+    assert a.trace == b.trace and a.sma_trace == b.sma_trace
     assert not torch.allclose(a.latents, c.latents)
 
 

@@ -102,3 +102,17 @@ def test_bad_input_is_rejected(tmp_path):
     frames[2] = frames[2][:, :-2]
     with pytest.raises(ValueError, match="frame 2"):
         write_mp4(frames, tmp_path / "ragged.mp4", FPS)
+
+
+def test_lossless_encoding_decodes_to_the_same_pixels_every_time(tmp_path):
+    """Regression renders rely on it: crf=0 keeps the encoder's run-to-run choices out of the pixels."""
+    decoded = []
+    for i in range(4):
+        write_mp4(_frames(), tmp_path / f"{i}.mp4", FPS, crf=0)
+        decoded.append(np.stack(list(read_frames(tmp_path / f"{i}.mp4"))))
+    for other in decoded[1:]:
+        assert np.array_equal(decoded[0], other)
+    write_mp4(_frames(), tmp_path / "lossy.mp4", FPS, crf=28)
+    lossy = np.stack(list(read_frames(tmp_path / "lossy.mp4")))
+    source = np.stack(list(_frames()))
+    assert _psnr(source, decoded[0]) > _psnr(source, lossy)

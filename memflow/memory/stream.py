@@ -37,6 +37,9 @@ class StreamMemory:
         self.video_id = video_id
         self.pending: Prototype | None = None
         self.trace: list[dict] = []  # retrieval trace: bank frames per block after each update
+        # SMA's picks on each cache-writing pass: [frame, how many (block, head) pairs attended it]
+        self.sma_trace: list[dict] = []
+        self._sma_picks: list[torch.Tensor] = []
         self.debug: list[dict] | None = None  # set to [] to log every attention context (tests)
         self.bank_version = 0  # bumps when the bank changes (invalidates the memory cache)
         self._memory_cache: dict[int, tuple] = {}
@@ -61,15 +64,18 @@ class StreamMemory:
         memory = self._memory(block)
         parts_k, parts_v = [], []
         if memory is not None:
-            mem_k, mem_v, mem_means = memory
+            mem_k, mem_v, mem_means, mem_frames = memory
             chosen = None
             if self.cfg.uses_sma and mem_means.shape[2] > self.cfg.sma_top_k:
                 chosen = sma_select(q.float().mean(2), mem_means, self.cfg.sma_top_k)
                 T = self.tokens_per_frame
                 mem_k, mem_v = gather_frames(mem_k, chosen, T), gather_frames(mem_v, chosen, T)
+                if self._pass["write"]:
+                    self._sma_picks.append(mem_frames[chosen].flatten())
             parts_k.append(mem_k), parts_v.append(mem_v)
             if self.debug is not None:
-                self.debug.append(dict(index=self._pass["index"], block=block, sink_frames=self._pass["sink_frames"],
+                self.debug.append(dict(index=self._pass["index"], block=block, write=self._pass["write"],
+                                       start=self._pass["start"], sink_frames=self._pass["sink_frames"],
                                        bank=list(self.bank.frames[block]) if self.bank is not None else [],
                                        sma=None if chosen is None else chosen.cpu()))
         if self.window.k[block] is not None:
@@ -79,8 +85,8 @@ class StreamMemory:
         return torch.cat(parts_k, 2), torch.cat(parts_v, 2)
 
     def _memory(self, block: int):
-        """[sink | bank] keys, values and mean keys of a block, concatenated once and
-        reused by every pass until the sink cut-off or the bank changes."""
+        """[sink | bank] keys, values, mean keys and frame numbers of a block, concatenated
+        once and reused by every pass until the sink cut-off or the bank changes."""
         key = (self._pass["sink_frames"], self.bank_version)
         cached = self._memory_cache.get(block)
         if cached is not None and cached[0] == key:
@@ -92,9 +98,12 @@ class StreamMemory:
             mv.append(self.sink.v[block][:, :, : n_sink * T])
             means.append(self.sink.means[block][:, :, :n_sink])
         bank = self.bank.kv(block) if self.bank is not None else None
+        frames = list(range(n_sink))  # the sink holds the video's first frames
         if bank is not None:
             mk.append(bank[0]), mv.append(bank[1]), means.append(bank[2])
-        memory = (torch.cat(mk, 2), torch.cat(mv, 2), torch.cat(means, 2)) if mk else None
+            frames += self.bank.frames[block]
+        memory = (torch.cat(mk, 2), torch.cat(mv, 2), torch.cat(means, 2),
+                  torch.tensor(frames, device=mk[0].device)) if mk else None
         self._memory_cache[block] = (key, memory)
         return memory
 
@@ -111,6 +120,11 @@ class StreamMemory:
             self._proto["means"].append(frame_means(pk, T)[:, :, 0])
 
     def end_pass(self) -> None:
+        if self._sma_picks:  # one host sync per writing pass, not one per block
+            frames, counts = torch.cat(self._sma_picks).unique(return_counts=True)
+            self.sma_trace.append({"start": self._pass["start"],
+                                   "frames": [[f, n] for f, n in zip(frames.tolist(), counts.tolist())]})
+            self._sma_picks = []
         if self._pass.get("record"):
             self.pending = Prototype(self._pass["start"], **self._proto)
             self._proto = {}
