@@ -86,6 +86,18 @@ def copy_render(src: Storage, dst: Storage) -> None:
     dst.write_bytes("summary.json", src.read_bytes("summary.json"))
 
 
+def clear_render(render: Storage) -> None:
+    """Empty a previous run's render, commit markers first (so a half-cleared render
+    never looks committed): a regression run renders every script afresh, or a stale
+    video would hide the change it is there to catch."""
+    for folder in ("records", "videos", "latents", "manifest", "metrics"):
+        for name in render.list(folder):
+            render.delete(f"{folder}/{name}")
+    for name in ("summary.json", "errors.jsonl"):
+        if render.exists(name):
+            render.delete(name)
+
+
 def _read_optional(storage: Storage, rel: str) -> bytes | None:
     return storage.read_bytes(rel) if storage.exists(rel) else None
 
@@ -160,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
                         ("--endpoint-url", args.endpoint_url), ("--address", args.address)):
         if value is not None:
             batch_argv += [flag, str(value)]
+    if render.list("records"):
+        print(f"clearing the previous render in {render.url}")
+        clear_render(render)
     status = batch.run(batch.parse_args(batch_argv))
     if status == batch.EXIT_FAILED:
         print(f"verdict: run failed: the suite did not render (see {render.url_for('errors.jsonl')})")

@@ -49,9 +49,11 @@ def suite_dir(tmp_path_factory, ray_head):
 
 
 def test_identical_runs_compare_clean(suite_dir, capsys):
-    status, rows, out = _run(suite_dir, "same")
+    status, rows, out = _run(suite_dir, "first")  # the same output again: rendered afresh, not resumed
     assert status == 0
     assert "verdict: clean" in capsys.readouterr().out
+    summary = json.loads((out / "render" / "summary.json").read_text())
+    assert (summary["committed"], summary["skipped_already_committed"]) == (2, 0)
     for r in rows.values():
         assert r["psnr_min_db"] == "inf" and r["latent_max_abs"] == 0.0 and r["traces_match"]
         assert r["identical_frames"] == r["frames_candidate"] == r["frames_baseline"] > 0
