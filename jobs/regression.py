@@ -74,10 +74,14 @@ def load_suite(url: str, endpoint_url: str | None) -> tuple[Suite, list]:
     return suite, scripts
 
 
+# A batch output's folders besides records/ (the commit markers).
+PAYLOAD_FOLDERS = ("videos", "latents", "manifest", "metrics")
+
+
 def copy_render(src: Storage, dst: Storage) -> None:
     """Make dst a copy of the batch output src: payloads first, records (commit
     markers) after them, then drop what src does not have."""
-    for folder in ("videos", "latents", "manifest", "metrics", "records"):
+    for folder in (*PAYLOAD_FOLDERS, "records"):
         names = src.list(folder)
         for name in names:
             dst.write_bytes(f"{folder}/{name}", src.read_bytes(f"{folder}/{name}"))
@@ -90,7 +94,7 @@ def clear_render(render: Storage) -> None:
     """Empty a previous run's render, commit markers first (so a half-cleared render
     never looks committed): a regression run renders every script afresh, or a stale
     video would hide the change it is there to catch."""
-    for folder in ("records", "videos", "latents", "manifest", "metrics"):
+    for folder in ("records", *PAYLOAD_FOLDERS):
         for name in render.list(folder):
             render.delete(f"{folder}/{name}")
     for name in ("summary.json", "errors.jsonl"):

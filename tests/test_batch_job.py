@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -285,11 +286,9 @@ def test_rerun_after_an_interrupted_run_renders_only_what_is_missing(ray_head, t
     scripts = long_scripts("resume", 4)
     manifest = write_manifest(tmp_path / "scripts.jsonl", scripts)
     out_dir = tmp_path / "out"
-    argv = [str(Path(os.sys.executable)), "jobs/batch.py", "--scripts", str(manifest), "--output", str(out_dir),
+    argv = [sys.executable, "jobs/batch.py", "--scripts", str(manifest), "--output", str(out_dir),
             "--replicas", "1", "--in-flight", "1"]
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
-    import subprocess
-
     driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # interrupt it (SIGKILL: no clean-up at all) once the first script is committed
         deadline = time.monotonic() + 180
