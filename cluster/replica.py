@@ -34,7 +34,8 @@ class ReplicaConfig:
     output: str
     preset: str = "tiny"
     model: str | None = None
-    memory: str = "nam+sma"
+    memory: str = "nam"
+    fidelity: str = "reference"  # the memory policy (memflow/memory/policy.py)
     endpoint_url: str | None = None
     device: str | None = None
     storage_env: StorageEnv | None = None  # the driver's, applied before anything is read or written
@@ -63,7 +64,7 @@ class GeneratorReplica:
         if config.storage_env is not None:
             config.storage_env.apply()
         self.config, self.index = config, index
-        preset = get_preset(config.preset).with_memory(mode=config.memory)
+        preset = get_preset(config.preset).with_memory(mode=config.memory, fidelity=config.fidelity)
         self.generator = MemFlowGenerator.from_preset(preset, model=config.model, device=config.device)
         self.storage = Storage(config.output, config.endpoint_url)
         self.ranker = MemoryServiceClient(shards) if shards else None
@@ -138,7 +139,8 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
                       "start_s": s.video_start / gen.fps, "end_s": s.video_end / gen.fps,
                       "latent_start": s.start_frame, "latent_end": s.end_frame} for s in plan.segments],
         "model": {"preset": replica.config.preset, "weights": replica.config.model or "random",
-                  "memory": replica.config.memory, "fingerprint": replica.generator.config_fingerprint},
+                  "memory": replica.config.memory, "fidelity": replica.generator.fidelity,
+                  "fingerprint": replica.generator.config_fingerprint},
         "timings": {**timings, "chunk_seconds": gen.chunk_seconds, "generation_fps": gen.generation_fps,
                     "peak_kv_bytes": gen.peak_memory_bytes},
         "replica": {"index": replica.index, "host": socket.gethostname(), "node_id": ctx.get_node_id(),

@@ -37,7 +37,7 @@ from cluster.replica import GeneratorReplica, ReplicaConfig, record_path, replic
 from cluster.scheduler import Scheduler, Task  # noqa: E402
 from cluster.storage import Storage, StorageEnv, storage_options  # noqa: E402
 from jobs.manifest import count_manifest, iter_manifest  # noqa: E402
-from memflow.config import MEMORY_MODES, PRESETS  # noqa: E402
+from memflow.config import FIDELITIES, MEMORY_MODES, PRESETS  # noqa: E402
 
 log = logging.getLogger("memflow.batch")
 SAMPLE_SCRIPTS = REPO / "examples" / "sample_scripts.jsonl"
@@ -50,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="./outputs", help="output prefix URL (file path, s3://bucket/prefix, ...)")
     p.add_argument("--model", help="weights directory/URL (diffusers Wan layout, optional MemFlow base.pt + lora.pt)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--memory", default="nam+sma", choices=MEMORY_MODES)
+    p.add_argument("--memory", default="nam", choices=MEMORY_MODES,
+                   help="off, nam (default: what the checkpoint was trained with) or nam+sma (faster)")
+    p.add_argument("--fidelity", default="reference", choices=FIDELITIES,
+                   help="memory policy: reference (default, what the released checkpoint runs with) or paper")
     p.add_argument("--replicas", type=int, help="generator replicas (default: GPUs in the cluster, else 1)")
     p.add_argument("--memory-shards", type=int, default=1, help="memory bank service shards (0: in-process ranking)")
     p.add_argument("--in-flight", type=int, default=2, help="scripts queued per replica (default 2)")
@@ -156,6 +159,7 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
     run_id = uuid.uuid4().hex[:8]
     shards = start_shards(args.memory_shards, f"memflow-memory-{run_id}") if args.memory != "off" else []
     config = ReplicaConfig(output=args.output, preset=args.preset, model=args.model, memory=args.memory,
+                           fidelity=args.fidelity,
                            endpoint_url=args.endpoint_url, device="cuda" if use_gpu else "cpu",
                            storage_env=StorageEnv(), save_latents=args.save_latents, crf=args.crf)
     owned = list(shards)  # actors this run starts, and kills when it ends
@@ -164,8 +168,9 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
                     .remote(config, shards or None, i) for i in range(replicas_n)]
         owned += replicas
     replicas_n = len(replicas)
-    log.info("run %s: %d replica(s) on %s, %d memory shard(s), preset %s, output %s", run_id, replicas_n,
-             "GPU" if use_gpu else "CPU", len(shards), args.preset, storage)
+    log.info("run %s: %d replica(s) on %s, %d memory shard(s), preset %s, memory %s (%s policy), output %s",
+             run_id, replicas_n, "GPU" if use_gpu else "CPU", len(shards), args.preset, args.memory, args.fidelity,
+             storage)
 
     errors = ErrorLog()
     progress = Progress(total)
@@ -215,7 +220,8 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
         "failed": progress.failed, "rejected_input": rejected, "dataset_rows": rows,
         "frames": progress.frames, "wall_seconds": wall, "fps": progress.frames / max(wall, 1e-9),
         "videos_per_hour": progress.committed / max(wall / 3600, 1e-9),
-        "config": {"preset": args.preset, "memory": args.memory, "model": args.model or "random",
+        "config": {"preset": args.preset, "memory": args.memory, "fidelity": args.fidelity,
+                   "model": args.model or "random",
                    "replicas": replicas_n, "device": "gpu" if use_gpu else "cpu", "memory_shards": len(shards),
                    "in_flight": args.in_flight, "max_attempts": args.max_attempts, "crf": args.crf},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -135,6 +135,9 @@ def judge(base: dict, cand: dict, video: VideoComparison, latent_diff: float | N
         "kv_change": _ratio(ct["peak_kv_bytes"], bt["peak_kv_bytes"]),
         "traces_match": all(base["retrieval"].get(k) == cand["retrieval"].get(k) for k in ("bank_trace", "sma_trace")),
         "config_changed": base["model"]["fingerprint"] != cand["model"]["fingerprint"],
+        # the memory policy each side rendered with (records before policies existed: the paper's)
+        "fidelity_baseline": base["model"].get("fidelity", "paper"),
+        "fidelity_candidate": cand["model"].get("fidelity", "paper"),
     }
     flags = {
         "frame_count": video.frames_baseline != video.frames_candidate,

@@ -20,6 +20,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -35,7 +36,7 @@ from cluster.storage import Storage, storage_options  # noqa: E402
 from jobs import batch  # noqa: E402
 from jobs.compare import Thresholds, compare_videos, judge, latent_difference  # noqa: E402
 from jobs.report import script_images, suite_plots, write_html  # noqa: E402
-from memflow.config import MEMORY_MODES, PRESETS  # noqa: E402
+from memflow.config import FIDELITIES, MEMORY_MODES, PRESETS  # noqa: E402
 from memflow.script import ScriptError, parse_script  # noqa: E402
 
 EXIT_CLEAN, EXIT_REGRESSED, EXIT_FAILED = 0, 1, 2
@@ -49,12 +50,18 @@ class Suite(BaseModel):
 
     name: str = "regression"
     scripts: list[dict]
+    memory: Optional[str] = None  # memory mode and policy the suite renders with (flags override)
+    fidelity: Optional[str] = None
     thresholds: Thresholds = Thresholds()
 
     @model_validator(mode="after")
     def _seeds_fixed(self):
         if not self.scripts:
             raise ValueError("scripts: a suite needs at least one script")
+        if self.memory not in (None, *MEMORY_MODES):
+            raise ValueError(f"memory: one of {MEMORY_MODES}, got {self.memory!r}")
+        if self.fidelity not in (None, *FIDELITIES):
+            raise ValueError(f"fidelity: one of {FIDELITIES}, got {self.fidelity!r}")
         for i, s in enumerate(self.scripts):
             if not isinstance(s, dict) or "seed" not in s:
                 raise ValueError(f"scripts.{i}.seed: every suite script needs a fixed seed")
@@ -152,7 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="./outputs/regression/latest", help="where this run's render and report go")
     p.add_argument("--model", help="weights directory/URL")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--memory", default="nam+sma", choices=MEMORY_MODES)
+    p.add_argument("--memory", choices=MEMORY_MODES, help="memory mode (default: the suite's, else nam)")
+    p.add_argument("--fidelity", choices=FIDELITIES,
+                   help="memory policy (default: the suite's, else reference)")
     p.add_argument("--replicas", type=int)
     p.add_argument("--memory-shards", type=int, default=1)
     p.add_argument("--endpoint-url")
@@ -169,8 +178,11 @@ def run(args: argparse.Namespace) -> int:
     ids = [s.video_id for s in scripts]
     out.write_text("suite.jsonl", "".join(
         json.dumps({**s.model_dump(mode="json", exclude_none=True), "id": vid}) + "\n" for s, vid in zip(scripts, ids)))
+    memory = args.memory or suite.memory or "nam"
+    fidelity = args.fidelity or suite.fidelity or "reference"
     batch_argv = ["--scripts", out.url_for("suite.jsonl"), "--output", render.url, "--preset", args.preset,
-                  "--memory", args.memory, "--memory-shards", str(args.memory_shards), "--save-latents",
+                  "--memory", memory, "--fidelity", fidelity, "--memory-shards", str(args.memory_shards),
+                  "--save-latents",
                   "--crf", "0"]  # lossless: x264 is not bit-reproducible otherwise, and PSNR should see the model
     for flag, value in (("--model", args.model), ("--replicas", args.replicas),
                         ("--endpoint-url", args.endpoint_url), ("--address", args.address)):
@@ -200,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['id']} ({', '.join(r['regressed_measures'])})" for r in rows if r.get("regressed"))
     else:
         verdict = f"clean: {len(rows)} script(s) match the baseline"
+    verdict += f" [memory {memory}, {fidelity} policy]"
     plots = suite_plots(out, psnr_series, rows)
     page = write_html(out, f"MemFlow regression: {suite.name}", verdict, rows, images, plots,
                       suite.thresholds.model_dump())

@@ -101,7 +101,8 @@ MEASURES = [("frames_baseline", "frames (baseline)", "frame_count"), ("frames_ca
             ("chunk_s_baseline", "s/chunk (baseline)", "chunk_seconds"),
             ("chunk_s_candidate", "s/chunk (candidate)", "chunk_seconds"),
             ("kv_bytes_baseline", "KV bytes (baseline)", "memory"), ("kv_bytes_candidate", "KV bytes (candidate)", "memory"),
-            ("traces_match", "retrieval traces identical", "traces"), ("config_changed", "config changed", None)]
+            ("traces_match", "retrieval traces identical", "traces"), ("config_changed", "config changed", None),
+            ("fidelity_baseline", "memory policy (baseline)", None), ("fidelity_candidate", "memory policy (candidate)", None)]
 
 
 def write_html(storage: Storage, title: str, verdict: str, rows: list[dict], images: dict[str, dict],

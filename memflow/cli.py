@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import MEMORY_MODES, PRESETS, get_preset
+from .config import FIDELITIES, MEMORY_MODES, PRESETS, get_preset
 from .script import ScriptError, parse_script
 
 
@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="weights: diffusers Wan folder/URL, optionally with MemFlow base.pt + lora.pt")
     r.add_argument("--transformer", help="transformer weights overriding --model (folder, .safetensors, .pt, base.pt)")
     r.add_argument("--lora", help="MemFlow lora.pt to merge at load")
-    r.add_argument("--memory", default="nam+sma", choices=MEMORY_MODES, help="memory ablation (default nam+sma)")
+    r.add_argument("--memory", default="nam", choices=MEMORY_MODES,
+                   help="memory: off (memory-free baseline), nam (the bank; default, what the checkpoint was "
+                        "trained with), nam+sma (also Sparse Memory Activation: faster)")
+    r.add_argument("--fidelity", default="reference", choices=FIDELITIES,
+                   help="memory policy: reference (default: exactly what the released MemFlow checkpoint runs "
+                        "with) or paper (the paper's clean semantics); see the README")
     r.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     r.add_argument("-o", "--output", required=True, help="mp4 path")
     return p
@@ -56,7 +61,7 @@ def render(args) -> int:
     from .pipeline import MemFlowGenerator
 
     script = load_script_arg(args.script, args.prompt, args.seconds, args.seed)
-    preset = get_preset(args.preset).with_memory(mode=args.memory)
+    preset = get_preset(args.preset).with_memory(mode=args.memory, fidelity=args.fidelity)
     t0 = time.perf_counter()
     gen = MemFlowGenerator.from_preset(preset, model=args.model, transformer=args.transformer, lora=args.lora,
                                        device=args.device)

@@ -12,6 +12,8 @@ from typing import Literal
 
 MemoryMode = Literal["off", "nam", "nam+sma"]
 MEMORY_MODES: tuple[str, ...] = ("off", "nam", "nam+sma")
+Fidelity = Literal["reference", "paper"]
+FIDELITIES: tuple[str, ...] = ("reference", "paper")
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,17 @@ class MemoryConfig:
 
     mode: "off" is the memory-free LongLive baseline (sink + window only),
     "nam" adds the memory bank with Narrative Adaptive Memory, "nam+sma" also
-    applies Sparse Memory Activation (the paper's default).
+    applies Sparse Memory Activation. The default is "nam": the released
+    checkpoint was trained and evaluated with SMA off (every reference config
+    ships `SMA: False`); SMA is the paper's speed option.
+
+    fidelity: the memory policy (memflow/memory/policy.py). "reference" runs what
+    the released checkpoint was trained with (memflow-algorithm.md, section 7);
+    "paper" the paper's clean semantics.
     """
 
-    mode: MemoryMode = "nam+sma"
+    mode: MemoryMode = "nam"
+    fidelity: Fidelity = "reference"
     frames_per_chunk: int = 3
     sink_size: int = 3
     local_attn_size: int = 12
@@ -35,10 +44,13 @@ class MemoryConfig:
     def __post_init__(self):
         if self.mode not in MEMORY_MODES:
             raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {self.mode!r}")
-        if self.sink_size % self.frames_per_chunk:
-            raise ValueError("sink_size must be a whole number of chunks")
-        if self.local_attn_size <= self.frames_per_chunk:
-            raise ValueError("local_attn_size must exceed frames_per_chunk (it includes the current chunk)")
+        if self.fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
+        if self.sink_size % self.frames_per_chunk or self.local_attn_size % self.frames_per_chunk:
+            raise ValueError("sink_size and local_attn_size must be whole numbers of chunks")
+        if self.local_attn_size < self.sink_size + self.frames_per_chunk:
+            raise ValueError("local_attn_size counts the sink and the current chunk: "
+                             "it must be at least sink_size + frames_per_chunk")
         for name in ("frames_per_chunk", "bank_size", "record_interval", "sma_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -52,9 +64,15 @@ class MemoryConfig:
         return self.mode == "nam+sma"
 
     @property
+    def local_frames(self) -> int:
+        """Frames of the attention budget besides the sink: past window + the current chunk."""
+        return self.local_attn_size - self.sink_size
+
+    @property
     def window_past_frames(self) -> int:
-        """Past frames the local window keeps (it also holds the current chunk)."""
-        return self.local_attn_size - self.frames_per_chunk
+        """Past frames the local window keeps. The budget counts the sink: 12 = 3 sink +
+        6 past + 3 own (memflow-algorithm.md, section 2)."""
+        return self.local_frames - self.frames_per_chunk
 
 
 @dataclass(frozen=True)

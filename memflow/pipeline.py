@@ -63,6 +63,29 @@ class RenderResult:
     extra: dict = field(default_factory=dict)
 
 
+class RecentLatents:
+    """The last `frames` latent frames generated: what a prompt switch re-caches from."""
+
+    def __init__(self, frames: int):
+        self.frames = frames
+        self.chunks: list[torch.Tensor] = []
+        self.end = 0  # latent frames generated so far
+
+    def add(self, x: torch.Tensor) -> None:
+        self.chunks.append(x)
+        self.end += x.shape[2]
+        while sum(c.shape[2] for c in self.chunks[1:]) >= self.frames:
+            self.chunks.pop(0)
+
+    def span(self, first: int, end: int) -> torch.Tensor:
+        """Frames [first, end) of the video, [1, C, n, h, w]."""
+        held = torch.cat(self.chunks, 2)
+        offset = self.end - held.shape[2]
+        if first < offset:
+            raise ValueError(f"frame {first} is no longer held (the last {self.frames} are)")
+        return held[:, :, first - offset:end - offset]
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -119,66 +142,85 @@ class MemFlowGenerator:
         return fingerprint({"preset": self.preset.name, "memory": self.memory.__dict__,
                             "sigmas": self.step_sigmas})
 
+    @property
+    def fidelity(self) -> str:
+        return self.memory.fidelity
+
     # -- generation -----------------------------------------------------------------------
     def latent_shape(self, script: Script) -> tuple[int, int]:
         height, width = script.resolution or (self.preset.height, self.preset.width)
         return height // 8, width // 8
 
-    def generate(self, script: Script, *, ranker: Ranker | None = None, video_id: str | None = None,
-                 on_chunk: Callable[[ChunkEvent], None] | None = None,
-                 memory: StreamMemory | None = None) -> Generation:
-        """Render a script's latents. `ranker` serves NAM (in-process by default; the
-        Ray memory service in a cluster); `memory` lets tests inspect the state."""
+    def memory_for(self, script: Script, ranker: Ranker | None = None, video_id: str | None = None) -> StreamMemory:
+        """A fresh memory for one script: everything that grows with a video lives in it."""
+        h, w = self.latent_shape(script)
+        p = self.transformer.config.patch_size
+        return StreamMemory(self.memory, len(self.transformer.blocks), (h // p[1]) * (w // p[2]),
+                            ranker or InProcessRanker(), video_id or script.video_id)
+
+    def chunks(self, script: Script, mem: StreamMemory) -> Iterator[tuple[ChunkEvent, torch.Tensor]]:
+        """Generate a script chunk by chunk: yields (event, the chunk's final latents
+        [1, C, F, h, w] on the device) as each chunk is done, so a consumer can decode it
+        while the next one is generated, or step several generators in lockstep."""
         cfg, fpc = self.memory, self.memory.frames_per_chunk
         plan = script.plan(fpc)
         h, w = self.latent_shape(script)
-        p = self.transformer.config.patch_size
-        video_id = video_id or script.video_id
-        mem = memory or StreamMemory(cfg, len(self.transformer.blocks), (h // p[1]) * (w // p[2]),
-                                     ranker or InProcessRanker(), video_id)
         rng = torch.Generator("cpu").manual_seed(script.seed)
         shape = (1, self.transformer.config.in_channels, fpc, h, w)
 
         def noise():
             return torch.randn(shape, generator=rng).to(self.device)
 
+        recent = RecentLatents(cfg.local_attn_size)
+        text = None
+        for c in range(plan.num_chunks):
+            t0 = time.perf_counter()
+            seg = plan.segment_at(c)
+            start = c * fpc
+            switch = c == seg.start_chunk and c > 0
+            if c == seg.start_chunk:
+                text = self.transformer.text_context(self.text_encoder.encode([seg.prompt]).to(self.device))
+                if switch:
+                    self._recache(mem, recent, text)
+            if mem.bank is not None:
+                mem.update_bank(text.descriptor, c, switch)
+
+            def flow(x, timestep):
+                return self._pass(mem, x, timestep, start, text, write=False)
+
+            x0 = sample_chunk(flow, noise(), self.step_sigmas, noise)
+            context = x0
+            if cfg.context_noise > 0:
+                sigma = cfg.context_noise / TRAIN_STEPS
+                context = (1 - sigma) * x0 + sigma * noise()
+            self._pass(mem, context, cfg.context_noise, start, text, write=True,
+                       record=c % cfg.record_interval == 0)
+            recent.add(x0)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            yield ChunkEvent(c, plan.num_chunks, time.perf_counter() - t0, seg.index), x0
+
+    def generate(self, script: Script, *, ranker: Ranker | None = None, video_id: str | None = None,
+                 on_chunk: Callable[[ChunkEvent], None] | None = None,
+                 memory: StreamMemory | None = None) -> Generation:
+        """Render a script's latents. `ranker` serves NAM (in-process by default; the
+        Ray memory service in a cluster); `memory` lets tests inspect the state."""
+        video_id = video_id or script.video_id
+        mem = memory or self.memory_for(script, ranker, video_id)
         latents: list[torch.Tensor] = []
-        chunk_seconds, peak = [], 0
-        text, retrieval = None, None
+        chunk_seconds, peak, retrieval = [], 0, None
         try:
-            for c in range(plan.num_chunks):
-                t0 = time.perf_counter()
-                seg = plan.segment_at(c)
-                start = c * fpc
-                if c == seg.start_chunk:
-                    text = self.transformer.text_context(self.text_encoder.encode([seg.prompt]).to(self.device))
-                    if c > 0:
-                        self._recache(mem, latents, text)
-                if mem.bank is not None:
-                    mem.update_bank(text.descriptor, c)
-
-                def flow(x, timestep):
-                    return self._pass(mem, x, timestep, start, text, write=False)
-
-                x0 = sample_chunk(flow, noise(), self.step_sigmas, noise)
-                context = x0
-                if cfg.context_noise > 0:
-                    sigma = cfg.context_noise / TRAIN_STEPS
-                    context = (1 - sigma) * x0 + sigma * noise()
-                self._pass(mem, context, cfg.context_noise, start, text, write=True,
-                           record=c % cfg.record_interval == 0)
+            for event, x0 in self.chunks(script, mem):
                 latents.append(x0.float().cpu())
                 peak = max(peak, mem.nbytes())
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                chunk_seconds.append(time.perf_counter() - t0)
+                chunk_seconds.append(event.seconds)
                 if on_chunk is not None:
-                    on_chunk(ChunkEvent(c, plan.num_chunks, chunk_seconds[-1], seg.index))
+                    on_chunk(event)
         finally:
             if memory is None:
                 retrieval = mem.close()
-        return Generation(video_id, script, plan, torch.cat(latents, 2), chunk_seconds, mem.trace, peak,
-                          script.fps, retrieval, mem.sma_trace)
+        return Generation(video_id, script, script.plan(self.memory.frames_per_chunk), torch.cat(latents, 2),
+                          chunk_seconds, mem.trace, peak, script.fps, retrieval, mem.sma_trace)
 
     def _pass(self, mem: StreamMemory, x, timestep: float, start: int, text, write: bool, record: bool = False):
         frames = x.shape[2]
@@ -188,17 +230,14 @@ class MemFlowGenerator:
         mem.end_pass()
         return v
 
-    def _recache(self, mem: StreamMemory, latents: list[torch.Tensor], text) -> None:
-        """LongLive's KV re-cache at a prompt switch: recompute the window's frames at
-        the clean-context timestep under the new prompt, chunk by chunk, so the next
-        chunk continues the motion under the new text; sink and bank stay as they are."""
-        first, end = mem.window.start, mem.window.end
-        done = torch.cat(latents, 2)
-        mem.start_recache()
-        fpc = self.memory.frames_per_chunk
-        for s in range(first, end, fpc):
-            chunk = done[:, :, s:min(s + fpc, end)].to(self.device, self.transformer.dtype)
-            self._pass(mem, chunk, self.memory.context_noise, s, text, write=True)
+    def _recache(self, mem: StreamMemory, recent: "RecentLatents", text) -> None:
+        """LongLive's KV re-cache at a prompt switch: recompute recent frames from the
+        generated latents at the clean-context timestep under the new prompt, so the next
+        chunk continues the motion under the new text. Which frames, in how many passes,
+        and what they overwrite is the memory policy's call (memory/policy.py)."""
+        for first, frames in mem.recache(recent.end, text.descriptor):
+            span = recent.span(first, first + frames).to(self.device, self.transformer.dtype)
+            self._pass(mem, span, self.memory.context_noise, first, text, write=True)
 
     # -- decoding ---------------------------------------------------------------------------
     def frames(self, generation: Generation) -> Iterator[np.ndarray]:

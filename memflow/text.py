@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
+import ftfy  # noqa: F401  Wan's prompt_clean runs ftfy.fix_text only when ftfy imports: fail here, not silently
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
@@ -64,7 +65,7 @@ class _TextEncoder(ABC):
         """prompts -> float32 [B, text_len, text_dim] on the encoder's device, zero past each prompt's length."""
         out = torch.zeros(len(prompts), self.text_len, self.text_dim, device=self.device)
         for i, prompt in enumerate(prompts):
-            key = prompt_clean(prompt)  # Wan's cleaning: html unescape, collapsed whitespace
+            key = prompt_clean(prompt)  # Wan's cleaning: ftfy, html unescape, collapsed whitespace
             if key in self._cache:
                 self._cache.move_to_end(key)
             else:

@@ -66,8 +66,8 @@ class CausalWanTransformer(WanTransformer3DModel):
                       text: TextContext, memory=None) -> torch.Tensor:
         """Predict the flow for a chunk of latent frames [B, C, F, h, w] at per-frame
         timesteps [B, F]. `memory` (a StreamMemory, already told about this pass)
-        supplies the context keys and keeps what the pass writes; without it the
-        chunk attends to itself only."""
+        lays out the keys each block attends and keeps what the pass writes; without
+        it the chunk attends to itself only."""
         b, _, f, h, w = latents.shape
         p_t, p_h, p_w = self.config.patch_size
         ph, pw = h // p_h, w // p_w
@@ -111,10 +111,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1)), *rope).transpose(1, 2)
         k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1)), *rope).transpose(1, 2)
         v = _heads(attn.to_v(h), self.heads)
-        ctx = memory.context(index, q) if memory is not None else None
-        if memory is not None:
-            memory.store(index, k, v)
-        keys, values = (k, v) if ctx is None else (torch.cat([ctx[0], k], 2), torch.cat([ctx[1], v], 2))
+        keys, values = memory.keys(index, q, k, v) if memory is not None else (k, v)
         o = F.scaled_dot_product_attention(q, keys, values)
         return attn.to_out[0](o.transpose(1, 2).flatten(2))
 

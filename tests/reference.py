@@ -5,11 +5,13 @@ re-cache passes) becomes one group of tokens in a single dense forward. Each
 group's queries attend to their own tokens and to the groups/frames that the
 attention pattern allows, written as an additive bias: 0 for a key seen once,
 log(m) for a key the streaming code attends m times (a bank frame that the window
-also holds), -inf otherwise. Window and sink membership are derived here from the
-rules of memflow-algorithm.md; the memory bank's contents and SMA's choices are
-taken from the streaming run's debug log (they are checked against brute force in
-their own tests). No caches, no StreamMemory: if the two agree, the caches hold
-exactly the keys/values the pattern says.
+also holds, copies of a frame in the bank), -inf otherwise. Window and sink
+membership are derived here from the rules of memflow-algorithm.md (sections 2 and 7)
+for each memory policy, written out independently of memflow/memory; the memory
+bank's contents and SMA's choices are taken from the streaming run's debug log (they
+are checked against brute force and planted rankings in their own tests). No caches,
+no StreamMemory: if the two agree, the caches hold exactly the keys/values the
+pattern says.
 """
 from __future__ import annotations
 
@@ -33,30 +35,64 @@ class Pass:
     out: torch.Tensor | None = None
 
 
-def _writers(passes: list[Pass], window_past: int, sink_size: int):
-    """For each pass: its context as {(group, frame): count} before bank/SMA, plus
-    the writer of each frame's original clean pass (where prototypes come from)."""
-    latest: dict[int, int] = {}  # frame -> group that last wrote it
-    original: dict[int, int] = {}  # frame -> group of its first clean pass
+@dataclass
+class Sources:
+    """What one pass attends besides the bank: sink frames from earlier passes
+    ((frame, group) pairs), how many of its own first frames form the sink part, its
+    own frames attended as local from `own_from` on, and window frames {frame: group}."""
+
+    sink: list
+    own_sink: int
+    own_from: int
+    window: dict
+
+
+def _sources(passes: list[Pass], cfg) -> tuple[list[Sources], dict]:
+    """Per pass its Sources under cfg.fidelity, and for each frame the group of its
+    first clean pass (where prototypes come from)."""
+    S, fpc = cfg.sink_size, cfg.frames_per_chunk
+    local_cap = cfg.local_attn_size - S  # past window + own chunk
+    latest: dict[int, int] = {}  # frame -> group whose kept KV of it is the newest
+    sink_src: dict[int, int] = {}  # frame -> group whose KV of it the sink holds
+    original: dict[int, int] = {}
     written_end, floor, prev_recache = 0, 0, False
-    contexts = []
+    out = []
     for g, p in enumerate(passes):
         n = p.x.shape[2]
+        end = p.start + n
         recache = p.write and p.start < written_end  # rewriting known frames after a switch
-        if recache and not prev_recache:
-            floor = p.start  # the window was cleared: it refills from here
+        if cfg.fidelity == "reference":
+            # the sink is always its own part; a pass covering it (unless a re-cache that
+            # starts later, which protects it) attends and writes its own sink frames
+            owns = p.start < S and (p.start == 0 or not recache)
+            own_sink = min(S, end) - p.start if owns else 0
+            sink = [(f, sink_src[f]) for f in range(min(p.start, S) if owns else S) if f in sink_src]
+            own_from = max(own_sink, n - local_cap)  # the local part keeps the last local_cap frames
+            lo = max(S, end - local_cap)
+            window = {f: latest[f] for f in range(lo, p.start) if f in latest}
+            kept = range(p.start + own_from, end)
+            sink_written = range(p.start, p.start + own_sink)
+        else:  # paper: the sink is part of the window while recent; re-cache chunk by chunk
+            if recache and not prev_recache:
+                floor = p.start  # the window was cleared: it refills from here
+            lo = max(floor, p.start - (local_cap - fpc))
+            window = {f: latest[f] for f in range(lo, p.start) if f in latest}
+            cutoff = min(window) if window else p.start
+            sink = [(f, sink_src[f]) for f in range(min(S, cutoff)) if f in sink_src]
+            own_sink, own_from = 0, 0
+            kept = range(p.start, end)
+            sink_written = [f for f in range(p.start, min(S, end)) if f not in sink_src]  # written once
         prev_recache = recache
-        lo = max(floor, p.start - window_past)
-        window = [f for f in range(lo, p.start) if f in latest]
-        cutoff = window[0] if window else p.start
-        sink = [f for f in range(min(sink_size, cutoff)) if f in original]
-        contexts.append(({("w", f): latest[f] for f in window}, sink))
+        out.append(Sources(sink, own_sink, own_from, window))
         if p.write:
-            for f in range(p.start, p.start + n):
+            for f in kept:
                 latest[f] = g
+            for f in sink_written:
+                sink_src[f] = g
+            for f in range(p.start, end):
                 original.setdefault(f, g)
-            written_end = max(written_end, p.start + n)
-    return contexts, original
+            written_end = max(written_end, end)
+    return out, original
 
 
 def reference_outputs(model, passes: list[Pass], debug: list[dict], memory_cfg) -> list[torch.Tensor]:
@@ -72,7 +108,7 @@ def reference_outputs(model, passes: list[Pass], debug: list[dict], memory_cfg) 
         offsets.append(offsets[-1] + s)
     N = offsets[-1]
     heads, L = model.config.num_attention_heads, len(model.blocks)
-    contexts, original = _writers(passes, memory_cfg.window_past_frames, memory_cfg.sink_size)
+    sources, original = _sources(passes, memory_cfg)
     log = {(d["index"], d["block"]): d for d in debug}
 
     def frame_cols(group: int, frame: int) -> slice:
@@ -84,23 +120,24 @@ def reference_outputs(model, passes: list[Pass], debug: list[dict], memory_cfg) 
     counts = torch.zeros(L, heads, N, N)
     for g, p in enumerate(passes):
         rows = slice(offsets[g], offsets[g + 1])
-        counts[:, :, rows, rows] += 1
-        window, sink = contexts[g]
-        for (_, f), src in window.items():
-            counts[:, :, rows, frame_cols(src, f)] += 1
+        src = sources[g]
+        counts[:, :, rows, offsets[g] + src.own_from * T:offsets[g + 1]] += 1
+        for f, w in src.window.items():
+            counts[:, :, rows, frame_cols(w, f)] += 1
+        sink = src.sink + [(p.start + i, g) for i in range(src.own_sink)]
         for l in range(L):
             entry = log.get((g, l))
-            memory = [("s", f) for f in sink]
+            memory = list(sink)
             if entry is not None:
                 assert entry["sink_frames"] == len(sink), (g, l, entry["sink_frames"], sink)
-                memory += [("b", f) for f in entry["bank"]]
+                memory += [(f, original[f]) for f in entry["bank"]]
             else:
                 assert not sink, (g, l, sink)
             for h in range(heads):
                 chosen = range(len(memory)) if entry is None or entry["sma"] is None else entry["sma"][0, h].tolist()
                 for i in chosen:
-                    _, f = memory[i]
-                    counts[l, h, rows, frame_cols(original[f], f)] += 1
+                    f, w = memory[i]
+                    counts[l, h, rows, frame_cols(w, f)] += 1
     bias = torch.where(counts > 0, counts.clamp(min=1).log(), torch.tensor(-math.inf))
 
     # the dense forward

@@ -13,6 +13,7 @@ from memflow.transformer import build_transformer
 
 SUITE = {
     "name": "test-suite",
+    "memory": "nam+sma",  # the suite's own setting; --memory overrides it
     # speed thresholds generous: a busy CI machine must not fake a regression
     "thresholds": {"fps_drop_max": 0.8, "chunk_seconds_increase_max": 4.0, "memory_increase_max": 0.1},
     "scripts": [
@@ -78,6 +79,18 @@ def test_sma_off_is_flagged(suite_dir):
     for r in rows.values():  # SMA's picks vanish from the retrieval trace; the latents move with them
         assert {"traces", "latent"} <= set(r["regressed_measures"]) and not r["traces_match"]
         assert r["config_changed"] and r["frames_candidate"] == r["frames_baseline"]
+
+
+def test_policy_change_is_flagged_and_named(suite_dir, capsys):
+    status, rows, out = _run(suite_dir, "paper-policy", "--fidelity", "paper")
+    assert status == 1
+    assert "[memory nam+sma, paper policy]" in capsys.readouterr().out
+    for r in rows.values():
+        assert (r["fidelity_baseline"], r["fidelity_candidate"]) == ("reference", "paper")
+        assert r["config_changed"] and "latent" in r["regressed_measures"]
+    record = json.loads((out / "render" / "records" / "a.json").read_text())
+    assert record["model"]["fidelity"] == "paper"
+    assert "memory policy (candidate)" in (out / "report" / "index.html").read_text()
 
 
 def test_injected_slowdown_is_flagged_by_speed_only(suite_dir):

@@ -53,6 +53,15 @@ def test_cache_is_bounded_lru_and_batch_invariant():
     assert torch.equal(enc.encode(["  third \n"])[0], enc.encode(["third"])[0]) and len(enc._cache) == 2
 
 
+def test_prompt_cleaning_fixes_mojibake_with_ftfy():
+    """Wan cleans prompts with ftfy.fix_text (diffusers skips it silently when ftfy is
+    missing): a prompt that went through a wrong encoding is the same prompt."""
+    enc = TinyTextEncoder(32)
+    broken = "a caf\u00c3\u00a9 at night"  # "a café at night" read as latin-1
+    assert torch.equal(enc.encode([broken])[0], enc.encode(["a caf\u00e9 at night"])[0])
+    assert list(enc._cache) == ["a caf\u00e9 at night"]
+
+
 def test_to_dtype_still_returns_float32():
     out = TinyTextEncoder(32).to("cpu", torch.bfloat16).encode(PROMPTS[:1])
     assert out.dtype == torch.float32

@@ -1,4 +1,7 @@
-"""The memory bank: at most `bank_size` recorded frames of KV per block, chosen by NAM."""
+"""The memory bank: at most `bank_size` recorded frames of KV per block, chosen by NAM.
+
+Slots are kept in order; the reference policy can hold the same prototype in
+several slots (copies share their tensors)."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +23,8 @@ class MemoryBank:
         return len(self.frames[0]) >= self.capacity
 
     def retain(self, keep: list[list[int]]) -> None:
-        """Per block, keep only the listed frame ids."""
+        """Per block, keep the listed frame ids, in the listed order (an id listed twice
+        is held twice)."""
         for l, ids in enumerate(keep):
             pos = [self.frames[l].index(i) for i in ids]
             for name in ("frames", "k", "v", "means"):

@@ -19,9 +19,10 @@ def nam_scores(text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
 
 
 def select_best(ids: list[int], scores: torch.Tensor, keep: int) -> list[int]:
-    """The `keep` best ids by score (ties: the earlier frame), returned in their original order."""
+    """The `keep` best ids by score, best first; ties go to the earlier position in `ids`
+    (the same on every device: the order is decided here, on the CPU, not by a top-k kernel)."""
     order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), i))[:keep]
-    return [ids[i] for i in sorted(order)]
+    return [ids[i] for i in order]
 
 
 class Ranker(Protocol):
@@ -29,7 +30,8 @@ class Ranker(Protocol):
         """Remember a prototype's descriptor [L, H, D] for `video`."""
 
     def rank(self, video: str, text: torch.Tensor, candidates: list[list[int]], keep: int) -> list[list[int]]:
-        """Per block l: the `keep` best of candidates[l] against text[l] ([L, H, D])."""
+        """Per block l: the `keep` best of candidates[l] against text[l] ([L, H, D]), as
+        `select_best` orders them (best first). Candidates may repeat an id."""
 
     def release(self, video: str) -> dict | None:
         """Forget everything about `video`; return its retrieval summary."""

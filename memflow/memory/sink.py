@@ -1,4 +1,4 @@
-"""The frame sink: KV of the first chunk, attended for the whole video (LongLive's global sink)."""
+"""The frame sink: KV of the video's first frames, attended for the whole video (LongLive's global sink)."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +13,7 @@ class FrameSink:
         self.k: list[torch.Tensor | None] = [None] * num_blocks
         self.v: list[torch.Tensor | None] = [None] * num_blocks
         self.means: list[torch.Tensor | None] = [None] * num_blocks
+        self.writes = 0  # bumps on every write (invalidates concatenations that include the sink)
 
     def held(self, block: int = -1) -> int:
         """Frames of the sink written so far."""
@@ -20,14 +21,17 @@ class FrameSink:
         return 0 if k is None else k.shape[2] // self.tokens_per_frame
 
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor, first_frame: int) -> None:
-        """Extend the sink with the frames of a fresh clean pass; never overwrite (a
-        re-cache after a prompt switch recomputes frames the sink already holds)."""
-        held = self.held(block)
-        if first_frame != held or held >= self.frames:
-            return
-        n = (self.frames - held) * self.tokens_per_frame
-        k, v = k[:, :, :n], v[:, :, :n]
+        """Store frames [first_frame, first_frame + n) of the sink, extending it or
+        overwriting what it holds there (the memory policy decides when)."""
+        T, held = self.tokens_per_frame, self.held(block)
+        n = k.shape[2] // T
+        if first_frame > held or first_frame + n > self.frames:
+            raise ValueError(f"sink holds {held} of {self.frames} frames; cannot write frames "
+                             f"{first_frame}..{first_frame + n - 1}")
         if self.k[block] is not None:
-            k, v = torch.cat([self.k[block], k], 2), torch.cat([self.v[block], v], 2)
+            old_k, old_v = self.k[block], self.v[block]
+            k = torch.cat([old_k[:, :, :first_frame * T], k, old_k[:, :, (first_frame + n) * T:]], 2)
+            v = torch.cat([old_v[:, :, :first_frame * T], v, old_v[:, :, (first_frame + n) * T:]], 2)
         self.k[block], self.v[block] = k, v
-        self.means[block] = frame_means(k, self.tokens_per_frame)
+        self.means[block] = frame_means(k, T)
+        self.writes += 1

@@ -16,6 +16,11 @@ class LocalWindow:
         self.k: list[torch.Tensor | None] = [None] * self.num_blocks
         self.v: list[torch.Tensor | None] = [None] * self.num_blocks
 
+    @property
+    def first(self) -> int | None:
+        """The oldest frame held, None when empty."""
+        return self.start if self.end > self.start else None
+
     def advance(self, first_frame: int, frames: int) -> None:
         """Declare the frames the coming pass writes; they must follow what is held."""
         if self.end != self.start and first_frame != self.end:
@@ -27,6 +32,9 @@ class LocalWindow:
 
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         keep = (self.end - self.start) * self.tokens_per_frame
+        if keep == 0:  # a window of no past frames
+            self.k[block] = self.v[block] = None
+            return
         if self.k[block] is not None:
             k, v = torch.cat([self.k[block], k], 2), torch.cat([self.v[block], v], 2)
         self.k[block], self.v[block] = k[:, :, -keep:], v[:, :, -keep:]
