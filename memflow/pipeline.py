@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import MemoryConfig, Preset, fingerprint, get_preset
-from .memory import InProcessRanker, Ranker, StreamMemory
+from .memory import Ranker, StreamMemory
 from .sampler import TRAIN_STEPS, denoising_sigmas, sample_chunk
 from .script import Plan, Script
 from .transformer import CausalWanTransformer, build_transformer, place
@@ -156,7 +156,7 @@ class MemFlowGenerator:
         h, w = self.latent_shape(script)
         p = self.transformer.config.patch_size
         return StreamMemory(self.memory, len(self.transformer.blocks), (h // p[1]) * (w // p[2]),
-                            ranker or InProcessRanker(), video_id or script.video_id)
+                            ranker, video_id or script.video_id)
 
     def chunks(self, script: Script, mem: StreamMemory) -> Iterator[tuple[ChunkEvent, torch.Tensor]]:
         """Generate a script chunk by chunk: yields (event, the chunk's final latents

@@ -23,7 +23,7 @@ class TextContext:
 
     k: list[torch.Tensor]  # per block [B, H, S, D] (after norm_k)
     v: list[torch.Tensor]
-    descriptor: torch.Tensor  # [L, H, D] float32 on the CPU: mean cross-attention key per block/head
+    descriptor: torch.Tensor  # [L, H, D] float32, on the device: mean cross-attention key per block/head
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             attn = block.attn2
             ks.append(_heads(attn.norm_k(attn.to_k(ctx)), self.heads))
             vs.append(_heads(attn.to_v(ctx), self.heads))
-        descriptor = torch.stack([k[0].float().mean(1) for k in ks]).cpu()
+        descriptor = torch.stack([k[0].float().mean(1) for k in ks])
         return TextContext(ks, vs, descriptor)
 
     def _modulation(self, timesteps: torch.Tensor):
@@ -111,8 +111,10 @@ class CausalWanTransformer(WanTransformer3DModel):
         q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1)), *rope).transpose(1, 2)
         k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1)), *rope).transpose(1, 2)
         v = _heads(attn.to_v(h), self.heads)
-        keys, values = memory.keys(index, q, k, v) if memory is not None else (k, v)
-        o = F.scaled_dot_product_attention(q, keys, values)
+        keys, values, mask = memory.keys(index, q, k, v) if memory is not None else (k, v, None)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if memory is not None:
+            memory.store(index, k, v)
         return attn.to_out[0](o.transpose(1, 2).flatten(2))
 
 

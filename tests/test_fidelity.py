@@ -31,12 +31,13 @@ def _run(fidelity, mode="nam", segments=(("a fox", 16),), ranker=None, spy_keys=
     mem = StreamMemory(preset.memory, len(model.blocks), T, ranker or InProcessRanker(), "v")
     mem.debug = []
     keys = []
-    if spy_keys:  # the number of key frames each pass's queries attend, per block
+    if spy_keys:  # the number of key frames each pass's queries attend (unmasked), per block
         real = mem.keys
 
         def spy(block, q, k, v):
             out = real(block, q, k, v)
-            keys.append((mem._pass["index"], block, out[0].shape[2] // T))
+            attended = out[0].shape[2] if out[2] is None else int(out[2].sum())
+            keys.append((mem._pass["index"], block, attended // T))
             return out
 
         mem.keys = spy
@@ -88,7 +89,7 @@ def test_budget_is_3_sink_6_past_3_own(fidelity):
             memory = memory + p["bank"]
             assert len(p["bank"]) == 3
         assert (p["memory"], p["local"]) == (memory, local), (fidelity, chunk)
-        assert counts[(p["index"], 0)] == len(memory) + len(local), "the key tensor holds exactly these frames"
+        assert counts[(p["index"], 0)] == len(memory) + len(local), "the keys attended are exactly these frames"
     # in steady state: 3 sink + 3 bank + 6 past + 3 own = 15 frames, not 18
     assert counts[(_chunk_pass(mem, 20)["index"], 0)] == 15
 
@@ -114,6 +115,19 @@ def test_sma_candidates_in_chunk_1():
 
 
 # -- item 3: the re-cache at a prompt switch --------------------------------------------------
+def _sink_keys(mem):
+    """Per block, the keys the sink slots hold."""
+    c = mem.cache
+    return [None if not c.allocated else c.k[l][:, :, :c.S * T].clone() for l in range(c.num_blocks)]
+
+
+def _window_keys(mem):
+    """Per block, the keys of the frames the window holds, in frame order."""
+    c, w = mem.cache, mem.window
+    return [torch.cat([c.k[l][:, :, w.slot(f) * T:(w.slot(f) + 1) * T] for f in range(w.start, w.end)], 2)
+            for l in range(c.num_blocks)]
+
+
 def _spy_writes(mem):
     """Record, per writing pass, its own keys per block and the sink before it."""
     log = []
@@ -121,8 +135,7 @@ def _spy_writes(mem):
 
     def begin(frame_start, frames, write, record=False):
         if write:
-            log.append({"start": frame_start, "frames": frames, "k": {},
-                        "sink_before": [None if k is None else k.clone() for k in mem.sink.k]})
+            log.append({"start": frame_start, "frames": frames, "k": {}, "sink_before": _sink_keys(mem)})
         return real_begin(frame_start, frames, write, record)
 
     def keys(block, q, k, v):
@@ -149,8 +162,8 @@ def test_recache_frames_and_slots(fidelity, switch_frame):
 
     def recache(mem_, latents, text):
         real_recache(mem_, latents, text)
-        states["window"] = (mem_.window.start, mem_.window.end, [k.clone() for k in mem_.window.k])
-        states["sink"] = [k.clone() for k in mem_.sink.k]
+        states["window"] = (mem_.window.start, mem_.window.end, _window_keys(mem_))
+        states["sink"] = _sink_keys(mem_)
 
     gen._recache = recache
     gen.generate(script, memory=mem)
@@ -270,7 +283,8 @@ def test_policies_are_deterministic_and_bounded(fidelity):
     assert long.peak_memory_bytes == a.peak_memory_bytes
     kv_frame = 2 * 2 * 2 * T * 24 * 4  # k+v, blocks, heads, tokens, head_dim, fp32
     cfg = MemoryConfig()
-    assert long.peak_memory_bytes <= (cfg.sink_size + cfg.window_past_frames + cfg.bank_size + 1) * kv_frame
+    frames = cfg.sink_size + cfg.bank_size + cfg.window_past_frames + cfg.frames_per_chunk + 1  # + prototype
+    assert long.peak_memory_bytes <= frames * kv_frame + 2 * 2 * 7 * 24 * 4  # + mean keys
 
 
 def test_policies_differ_and_name_themselves():

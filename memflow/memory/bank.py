@@ -1,45 +1,62 @@
 """The memory bank: at most `bank_size` recorded frames of KV per block, chosen by NAM.
 
-Slots are kept in order; the reference policy can hold the same prototype in
-several slots (copies share their tensors)."""
+It lives in the bank slots of the KV cache; slots are kept in order and filled from
+the first. The reference policy can hold the same prototype in several slots. Every
+change runs on the device; which frame a slot holds is known there (`cache.slot_frames`)."""
 from __future__ import annotations
 
 import torch
 
+from .cache import KVCache
 from .prototype import Prototype
 
 
 class MemoryBank:
-    def __init__(self, num_blocks: int, capacity: int):
-        self.capacity = capacity
-        # per block: parallel lists of frame ids, keys, values, mean keys
-        self.frames: list[list[int]] = [[] for _ in range(num_blocks)]
-        self.k: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
-        self.v: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
-        self.means: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.capacity = cache.NB
+        self.fill = 0  # slots [0, fill) hold frames
 
     @property
     def full(self) -> bool:
-        return len(self.frames[0]) >= self.capacity
+        return self.fill >= self.capacity
 
-    def retain(self, keep: list[list[int]]) -> None:
-        """Per block, keep the listed frame ids, in the listed order (an id listed twice
-        is held twice)."""
-        for l, ids in enumerate(keep):
-            pos = [self.frames[l].index(i) for i in ids]
-            for name in ("frames", "k", "v", "means"):
-                col = getattr(self, name)
-                col[l] = [col[l][p] for p in pos]
+    @property
+    def first_slot(self) -> int:
+        return self.cache.S
+
+    @property
+    def frames(self) -> list[list[int]]:
+        """Frame ids per block, slot by slot (reads the device: debugging and the ranking service)."""
+        if not self.fill:
+            return [[] for _ in range(self.cache.num_blocks)]
+        s = self.first_slot
+        return self.cache.slot_frames[:, s:s + self.fill].tolist()
+
+    def means(self) -> torch.Tensor:
+        """Mean keys of the filled slots per block, [L, n, H, D]."""
+        s = self.first_slot
+        return self.cache.means[:, 0, :, s:s + self.fill].transpose(1, 2)
+
+    def retain(self, keep: torch.Tensor) -> None:
+        """Per block l, keep the slots keep[l] ([L, K] positions), in that order, as the first K."""
+        c, s = self.cache, self.first_slot
+        K = keep.shape[1]
+        for buf in (c.k, c.v):
+            bank = c.frames_view(buf)[:, :, :, s:s + self.capacity]
+            index = keep[:, None, None, :, None, None].expand(-1, *bank.shape[1:3], -1, *bank.shape[4:])
+            bank[:, :, :, :K] = bank.gather(3, index)
+        means = c.means[:, :, :, s:s + self.capacity]
+        means[:, :, :, :K] = means.gather(3, keep[:, None, None, :, None].expand(-1, *means.shape[1:3], -1,
+                                                                                means.shape[-1]))
+        ids = c.slot_frames[:, s:s + self.capacity]
+        ids[:, :K] = ids.gather(1, keep)
+        self.fill = K
 
     def append(self, proto: Prototype) -> None:
-        for l in range(len(self.frames)):
-            self.frames[l].append(proto.frame)
-            self.k[l].append(proto.k[l])
-            self.v[l].append(proto.v[l])
-            self.means[l].append(proto.means[l])
-
-    def kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Keys, values [B, H, n*T, D] and mean keys [B, H, n, D] of the block's bank frames."""
-        if not self.frames[block]:
-            return None
-        return (torch.cat(self.k[block], 2), torch.cat(self.v[block], 2), torch.stack(self.means[block], 2))
+        c, slot = self.cache, self.first_slot + self.fill
+        c.frames_view(c.k)[:, :, :, slot] = proto.k
+        c.frames_view(c.v)[:, :, :, slot] = proto.v
+        c.means[:, :, :, slot] = proto.means
+        c.slot_frames[:, slot] = proto.frame
+        self.fill += 1

@@ -1,9 +1,11 @@
 """Narrative Adaptive Memory: rank bank frames by relevance to the text of the coming chunk.
 
 S_i = mean over heads of <mean text key, mean frame key> / sqrt(d) (memflow-algorithm.md,
-section 3): rankers work on descriptors of [L, H, D] per frame, never on KV. The
-`Ranker` interface is what the Ray memory service implements too; both must call
-`select_best` so they choose identical frames.
+section 3): rankers work on descriptors of [L, H, D] per frame, never on KV. In a single
+process the ranking runs on the device (`rank_slots`, no host round trip); the `Ranker`
+interface is what the Ray memory service implements, on the CPU (`InProcessRanker`).
+Both order frames the same way (best first, ties to the earlier position), so they
+choose identical frames.
 """
 from __future__ import annotations
 
@@ -14,8 +16,16 @@ import torch
 
 
 def nam_scores(text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """text [H, D] (mean cross-attention key of the prompt), frames [n, H, D] -> scores [n]."""
-    return (frames.float() * text.float()).sum(-1).mean(-1) / math.sqrt(text.shape[-1])
+    """text [..., H, D] (mean cross-attention key of the prompt), frames [..., n, H, D]
+    (mean key of each frame) -> scores [..., n]; leading dims are blocks."""
+    return (frames.float() * text.float().unsqueeze(-3)).sum(-1).mean(-1) / math.sqrt(text.shape[-1])
+
+
+def rank_slots(text: torch.Tensor, frames: torch.Tensor, keep: int) -> torch.Tensor:
+    """The in-process ranking, on the device: per block, the positions of the `keep`
+    best frames, best first, ties to the earlier position (as `select_best`).
+    text [L, H, D], frames [L, n, H, D] -> [L, keep]."""
+    return torch.sort(-nam_scores(text, frames), dim=-1, stable=True).indices[:, :keep]
 
 
 def select_best(ids: list[int], scores: torch.Tensor, keep: int) -> list[int]:

@@ -115,9 +115,8 @@ class PaperPolicy:
         if mem.newest is None or mem.newest_admitted:
             return
         keep = None
-        if mem.bank.full:
-            keep = [sorted(ids, key=frames.index)
-                    for ids, frames in zip(mem.best(text, mem.bank.capacity - 1), mem.bank.frames)]
+        if mem.bank.full:  # the best, in the order they were held
+            keep = mem.best(text, mem.bank.capacity - 1).sort(dim=1).values
         mem.admit(keep)
 
     def recache(self, mem: "StreamMemory", start: int, text: torch.Tensor) -> Iterator[tuple[int, int]]:

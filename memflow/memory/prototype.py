@@ -17,13 +17,15 @@ def frame_means(k: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
 
 @dataclass
 class Prototype:
-    """Recorded during a chunk's clean-context pass; joins the bank before the next chunk."""
+    """Recorded during a chunk's clean-context pass; joins the bank before a later chunk.
+    Its tensors stay on the device, one buffer for all blocks."""
 
     frame: int
-    k: list[torch.Tensor]  # per block [B, H, T, D], keys after RoPE
-    v: list[torch.Tensor]
-    means: list[torch.Tensor]  # per block [B, H, D] float32
+    k: torch.Tensor  # [L, B, H, T, D], keys after RoPE
+    v: torch.Tensor
+    means: torch.Tensor  # [L, B, H, D] float32
 
     def descriptor(self) -> torch.Tensor:
-        """[L, H, D] float32 on the CPU: what a ranker needs to know about this frame."""
-        return torch.stack([m[0] for m in self.means]).cpu()
+        """[L, H, D] float32 on the CPU: what a ranking service needs to know about this frame
+        (a copy: the prototype's buffers are reused by the next recording)."""
+        return self.means[:, 0].to("cpu", copy=True)

@@ -1,25 +1,33 @@
-"""The local window: KV of the most recent frames, a rolling buffer (oldest frames leave)."""
+"""The local window: KV of the most recent past frames, a ring in the KV cache (oldest frames leave).
+
+Frame f lives in window slot f mod capacity; this keeps track of which frames are held
+and writes a pass's frames into their slots."""
 from __future__ import annotations
 
 import torch
 
+from .cache import KVCache
+
 
 class LocalWindow:
-    def __init__(self, num_blocks: int, capacity_frames: int, tokens_per_frame: int):
-        self.capacity = capacity_frames
-        self.tokens_per_frame = tokens_per_frame
-        self.num_blocks = num_blocks
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.capacity = cache.W
         self.clear()
 
     def clear(self) -> None:
         self.start = self.end = 0  # frame range [start, end) held
-        self.k: list[torch.Tensor | None] = [None] * self.num_blocks
-        self.v: list[torch.Tensor | None] = [None] * self.num_blocks
 
     @property
     def first(self) -> int | None:
         """The oldest frame held, None when empty."""
         return self.start if self.end > self.start else None
+
+    def slot(self, frame: int) -> int:
+        return self.cache.local_slot + frame % self.capacity
+
+    def held_slots(self) -> list[int]:
+        return [self.slot(f) for f in range(self.start, self.end)]
 
     def advance(self, first_frame: int, frames: int) -> None:
         """Declare the frames the coming pass writes; they must follow what is held."""
@@ -31,10 +39,15 @@ class LocalWindow:
         self.start = max(self.start, self.end - self.capacity)
 
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        keep = (self.end - self.start) * self.tokens_per_frame
-        if keep == 0:  # a window of no past frames
-            self.k[block] = self.v[block] = None
-            return
-        if self.k[block] is not None:
-            k, v = torch.cat([self.k[block], k], 2), torch.cat([self.v[block], v], 2)
-        self.k[block], self.v[block] = k[:, :, -keep:], v[:, :, -keep:]
+        """One block's keys/values [B, H, n * T, D] of the frames `advance` declared (the
+        last n); the newest `capacity` of them go to their ring slots, in runs."""
+        T, c = self.cache.T, self.cache
+        n = k.shape[2] // T
+        f = max(self.start, self.end - n)
+        while f < self.end and self.capacity:
+            run = min(self.end - f, self.capacity - f % self.capacity)
+            src = slice((f - (self.end - n)) * T, (f - (self.end - n) + run) * T)
+            dst = slice(self.slot(f) * T, (self.slot(f) + run) * T)
+            c.k[block][:, :, dst] = k[:, :, src]
+            c.v[block][:, :, dst] = v[:, :, src]
+            f += run
