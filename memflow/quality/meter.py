@@ -25,6 +25,8 @@ from .flicker import Flicker, frame_differences
 
 METRICS = ("clip_score", "subject_consistency", "background_consistency", "temporal_flickering")
 SWITCH_METRICS = METRICS[1:]  # a window across a switch has two prompts: no single CLIP score
+BACKBONE_OF = {"clip_score": "clip", "subject_consistency": "dino", "background_consistency": "clip",
+               "temporal_flickering": None}  # what each metric is measured with
 
 
 class _Run:
