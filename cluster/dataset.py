@@ -42,7 +42,7 @@ METRICS = pa.schema([("id", pa.string()), ("num_chunks", pa.int64()), ("generate
                      ("attempts", pa.int32()), ("replica", pa.int32()), ("host", pa.string()),
                      ("device", pa.string()), ("bank_updates", pa.int32()), *_QUALITY,
                      ("segment_quality", pa.list_(SEGMENT)), ("switch_quality", pa.list_(SWITCH)),
-                     ("quality_s", pa.float64())])
+                     ("quality_s", pa.float64()), ("quality_error", pa.string())])
 
 
 def _quality(r: dict) -> dict:
@@ -76,7 +76,7 @@ def metrics_row(r: dict) -> dict:
             "bank_updates": len(r["retrieval"]["bank_trace"]),
             **{name: _quality(r)["video"].get(name) for name in QUALITY}, "segment_quality": _segments(r),
             "switch_quality": [{k: w.get(k) for k in SWITCH.names} for w in _quality(r)["switches"]],
-            "quality_s": _quality(r).get("seconds")}
+            "quality_s": _quality(r).get("seconds"), "quality_error": _quality(r).get("error")}
 
 
 def iter_records(storage: Storage, threads: int = 16) -> Iterator[dict]:

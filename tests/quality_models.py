@@ -26,7 +26,8 @@ def colour_frames(name: str, n: int, size=(64, 64), seed: int = 0) -> torch.Tens
     return (base + noise).clamp(0, 255).round().to(torch.uint8)
 
 
-def _tokenizer(max_length: int):
+def tokenizer(max_length: int):
+    """A CLIP-style fast tokenizer over the colour words (others are <unk>), bos/eos last."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -61,8 +62,8 @@ def _align_colours(model, tokenizer) -> None:
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    tokenizer = _tokenizer(16)
-    eos = tokenizer.eos_token_id
+    tok = tokenizer(16)
+    eos = tok.eos_token_id
     config = CLIPConfig(
         text_config=dict(vocab_size=eos + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=eos - 1,
@@ -73,9 +74,9 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
-        _align_colours(model, tokenizer)
+        _align_colours(model, tok)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tok.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(folder)
     return folder
 

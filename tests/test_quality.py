@@ -198,3 +198,25 @@ def test_regression_compares_a_metric_only_with_the_same_backbone():
     assert quality_values(record("s3://m/clip-b32", 30.0), record("s3://m/clip-l14", 29.0), "temporal_flickering")[2]
     assert quality_values(record(None, None), record("s3://m/clip-b32", 29.0), "clip_score") == (None, 29.0, False)
     assert quality_values({}, record(None, None), "temporal_flickering") == (None, 0.5, False)  # an older baseline
+
+
+def test_a_failing_metric_never_costs_the_video(backbones):
+    """A backbone that fails mid-video (a GPU out of memory, say; simulated, since it cannot
+    be provoked on a CPU): every frame still reaches the encoder, the error is recorded."""
+    clip, dino = backbones
+
+    class FailsOnSecondBatch:
+        device, source, calls = dino.device, "flaky", 0
+
+        def image_features(self, frames):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("CUDA out of memory")
+            return dino.image_features(frames)
+
+    meter = QualityMeter([(0, 10, "a red fox")], 16, clip=clip, dino=FailsOnSecondBatch(), batch_size=4)
+    frames = colour_frames("red", 10)
+    assert len(list(meter.observe(f.numpy() for f in frames))) == 10
+    q = meter.result()
+    assert q["error"] == "RuntimeError: CUDA out of memory" and q["frames"] == 4
+    assert all(v is None for v in q["video"].values()) and q["segments"] == []

@@ -8,10 +8,13 @@ prompt switch: `switch_window_s` seconds on either side, kept inside the two
 segments, which shows whether the subject and scene survive the switch.
 
 Without a CLIP model the CLIP score and background consistency are None; without
-a DINO model subject consistency is None; temporal flickering needs no model.
+a DINO model subject consistency is None; temporal flickering needs no model. A
+metric that fails (a GPU out of memory, say) never costs the video: frames keep
+flowing to the encoder, measuring stops and the result carries the error.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable, Iterator
 
@@ -23,6 +26,7 @@ from .backbones import ClipBackbone, ImageBackbone
 from .consistency import Consistency
 from .flicker import Flicker, frame_differences
 
+log = logging.getLogger(__name__)
 METRICS = ("clip_score", "subject_consistency", "background_consistency", "temporal_flickering")
 SWITCH_METRICS = METRICS[1:]  # a window across a switch has two prompts: no single CLIP score
 BACKBONE_OF = {"clip_score": "clip", "subject_consistency": "dino", "background_consistency": "clip",
@@ -74,11 +78,20 @@ class QualityMeter:
         self.switches = [_Run(max(before.start, after.start - self.window), min(after.end, after.start + self.window))
                          for before, after in zip(self.segments, self.segments[1:])]
         self._bounds = torch.tensor([b for _, b, _ in segments[:-1]], device=self.device)
-        self._text = clip.text_features([p for _, _, p in segments]) if clip else None
         self._pending: list[np.ndarray] = []
         self._previous: torch.Tensor | None = None
-        self.frames = 0
+        self.frames = 0  # measured so far
+        self.error: str | None = None
+        self._text = self._guarded(lambda: clip.text_features([p for _, _, p in segments])) if clip else None
         self.seconds = time.perf_counter() - t0
+
+    def _guarded(self, measure):
+        """Run a measuring step; on failure remember why and measure no further."""
+        try:
+            return measure()
+        except Exception as e:  # the video matters more than its metrics
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("quality metrics stopped at frame %d: %s", self.frames, self.error)
 
     def observe(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Pass uint8 RGB frames [H, W, 3] through unchanged, scoring them on the way."""
@@ -90,11 +103,16 @@ class QualityMeter:
         self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending or self.error is not None:
+            self._pending = []
             return
         t0 = time.perf_counter()
-        frames = torch.from_numpy(np.stack(self._pending)).to(self.device)
-        first, self._pending = self.frames, []
+        self._guarded(lambda: self._measure(torch.from_numpy(np.stack(self._pending)).to(self.device)))
+        self._pending = []
+        self.seconds += time.perf_counter() - t0
+
+    def _measure(self, frames: torch.Tensor) -> None:
+        first = self.frames
         batch = {"diff": frame_differences(frames, self._previous)}
         if self.dino is not None:
             batch["dino"] = self.dino.image_features(frames)
@@ -107,11 +125,14 @@ class QualityMeter:
             run.add(first, batch)
         self._previous = frames[-1]
         self.frames += frames.shape[0]
-        self.seconds += time.perf_counter() - t0
 
     def result(self) -> dict:
-        """The record's `quality`: per video, per segment, per switch, and what it cost."""
+        """The record's `quality`: per video, per segment, per switch, and what it cost
+        (`error` is set, and every metric None, when measuring failed)."""
         self._flush()
+        if self.error is not None:
+            return {"video": dict.fromkeys(METRICS), "segments": [], "switches": [], "error": self.error,
+                    "backbones": self._backbones(), "frames": self.frames, "seconds": self.seconds}
         return {
             "video": self.video.metrics(),
             "segments": [{"index": i, "start_frame": r.start, "end_frame": r.end, **r.metrics()}
@@ -121,8 +142,11 @@ class QualityMeter:
                           **{k: v for k, v in r.metrics().items() if k in SWITCH_METRICS}}
                          for i, r in enumerate(self.switches)],
             "switch_window_frames": self.window,
-            "backbones": {"clip": self.clip.source if self.clip else None,
-                          "dino": self.dino.source if self.dino else None},
+            "backbones": self._backbones(),
             "frames": self.frames,
             "seconds": self.seconds,
+            "error": None,
         }
+
+    def _backbones(self) -> dict:
+        return {"clip": self.clip.source if self.clip else None, "dino": self.dino.source if self.dino else None}
