@@ -22,6 +22,7 @@ from ray.util import metrics
 from safetensors.torch import save
 
 from memflow.pipeline import MemFlowGenerator
+from memflow.quality import QualityMeter, load_clip, load_dino
 from memflow.script import Script
 from memflow.video import write_mp4
 
@@ -41,6 +42,8 @@ class ReplicaConfig:
     storage_env: StorageEnv | None = None  # the driver's, applied before anything is read or written
     save_latents: bool = False  # latents/<id>.safetensors too (regression runs compare them)
     crf: int = 18  # H.264 quality; 0 is lossless, the only setting whose pixels are reproducible run to run
+    clip_model: str | None = None  # CLIP folder/URL (HF layout): CLIP score, background consistency
+    dino_model: str | None = None  # DINO folder/URL (HF layout): subject consistency
 
 
 def record_path(video_id: str) -> str:
@@ -67,6 +70,9 @@ class GeneratorReplica:
         preset = get_preset(config.preset).with_memory(mode=config.memory, fidelity=config.fidelity)
         self.generator = MemFlowGenerator.from_preset(preset, model=config.model, device=config.device)
         self.storage = Storage(config.output, config.endpoint_url)
+        device = self.generator.device
+        self.clip = load_clip(config.clip_model, device) if config.clip_model else None
+        self.dino = load_dino(config.dino_model, device) if config.dino_model else None
         self.ranker = MemoryServiceClient(shards) if shards else None
         self.load_seconds = time.perf_counter() - t0
         self._status = {"replica": index, "video": None, "chunk": 0, "chunks": 0}
@@ -102,13 +108,16 @@ class GeneratorReplica:
             with tempfile.TemporaryDirectory(prefix="memflow-") as tmp:
                 local = os.path.join(tmp, "video.mp4")
                 t1 = time.perf_counter()
-                frames = write_mp4(self.generator.frames(gen), local, fps=gen.fps, crf=self.config.crf)
+                meter = QualityMeter([(s.video_start, s.video_end, s.prompt) for s in gen.plan.segments], gen.fps,
+                                     clip=self.clip, dino=self.dino)
+                frames = write_mp4(meter.observe(self.generator.frames(gen)), local, fps=gen.fps,
+                                   crf=self.config.crf)
                 t2 = time.perf_counter()
                 self.storage.upload_file(local, video_path(video_id))
                 if self.config.save_latents:
                     self.storage.write_bytes(latents_path(video_id), save({"latents": gen.latents.contiguous()}))
                 t3 = time.perf_counter()
-            record = build_record(self, script, gen, video_id, frames, attempt,
+            record = build_record(self, script, gen, video_id, frames, attempt, meter.result(),
                                   timings={"generate_s": t1 - t0, "decode_encode_s": t2 - t1, "upload_s": t3 - t2})
             self.storage.write_json(record_path(video_id), record)  # the commit
             return record
@@ -117,8 +126,10 @@ class GeneratorReplica:
                 self._status.update(video=None, chunk=0, chunks=0)
 
 
-def build_record(replica, script: Script, gen, video_id: str, frames: int, attempt: int, timings: dict) -> dict:
-    """Everything a dataset user needs about one video, captions with frame ranges included."""
+def build_record(replica, script: Script, gen, video_id: str, frames: int, attempt: int, quality: dict,
+                 timings: dict) -> dict:
+    """Everything a dataset user needs about one video, captions with frame ranges and
+    quality metrics included (`quality`: memflow.quality.QualityMeter.result())."""
     plan = gen.plan
     height, width = script.resolution or (replica.generator.preset.height, replica.generator.preset.width)
     ctx = ray.get_runtime_context()
@@ -147,6 +158,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
                     "actor_id": ctx.get_actor_id(), "device": str(replica.generator.device)},
         "attempts": attempt,
         "retrieval": {"bank_trace": gen.trace, "sma_trace": gen.sma_trace, "service": gen.retrieval},
+        "quality": quality,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

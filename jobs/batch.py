@@ -1,12 +1,14 @@
 """Batch generation: a manifest of scripts in, a captioned video dataset out.
 
     ray job submit --working-dir . -- python jobs/batch.py --scripts URL --output URL \
-        [--model URL] [--preset P] [--replicas N] [--memory-shards M]
+        [--model URL] [--preset P] [--replicas N] [--memory-shards M] [--clip-model URL] [--dino-model URL]
     python jobs/batch.py        # embedded default: local Ray, tiny preset, sample scripts, ./outputs
 
 Output layout (system-design.md): videos/, records/ (the commit markers),
 manifest/ and metrics/ Parquet (rebuilt from the records), errors.jsonl,
-summary.json. Re-running the same command resumes: committed scripts are skipped.
+summary.json. Each record carries quality metrics (memflow.quality): temporal
+flickering always, CLIP score and consistency with --clip-model / --dino-model.
+Re-running the same command resumes: committed scripts are skipped.
 Exit status: 0 every script committed and no bad input, 1 partial success (some
 input rejected or some scripts failed), 2 failure (nothing committed, or the job
 could not run).
@@ -38,6 +40,7 @@ from cluster.scheduler import Scheduler, Task  # noqa: E402
 from cluster.storage import Storage, StorageEnv, storage_options  # noqa: E402
 from jobs.manifest import count_manifest, iter_manifest  # noqa: E402
 from memflow.config import FIDELITIES, MEMORY_MODES, PRESETS  # noqa: E402
+from memflow.quality import check_source  # noqa: E402
 
 log = logging.getLogger("memflow.batch")
 SAMPLE_SCRIPTS = REPO / "examples" / "sample_scripts.jsonl"
@@ -65,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crf", type=int, default=18,
                    help="H.264 quality, 0-51 (default 18). 0 is lossless and bit-reproducible: x264 is not "
                         "at other settings, so regression renders use 0")
+    p.add_argument("--clip-model", help="CLIP folder/URL in Hugging Face layout (e.g. a save_pretrained of "
+                   "openai/clip-vit-base-patch32): adds per-segment CLIP score and background consistency")
+    p.add_argument("--dino-model", help="DINO folder/URL in Hugging Face layout (e.g. facebook/dino-vitb16): "
+                   "adds subject consistency")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     args = p.parse_args(argv)
     for name in ("replicas", "in_flight", "max_attempts"):
@@ -152,6 +159,10 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
     storage = Storage(args.output, args.endpoint_url)
     scripts_options = storage_options(args.scripts, args.endpoint_url)
     total = count_manifest(args.scripts, scripts_options)  # a missing manifest fails before any actor starts
+    for flag, url in (("--clip-model", args.clip_model), ("--dino-model", args.dino_model)):
+        if url:  # so does a missing backbone; no credentials in URLs: they would land in every record
+            storage_options(url)
+            check_source(url, flag)
     init_ray(args.address)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = args.device == "gpu" or (args.device == "auto" and gpus > 0)
@@ -161,7 +172,8 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
     config = ReplicaConfig(output=args.output, preset=args.preset, model=args.model, memory=args.memory,
                            fidelity=args.fidelity,
                            endpoint_url=args.endpoint_url, device="cuda" if use_gpu else "cpu",
-                           storage_env=StorageEnv(), save_latents=args.save_latents, crf=args.crf)
+                           storage_env=StorageEnv(), save_latents=args.save_latents, crf=args.crf,
+                           clip_model=args.clip_model, dino_model=args.dino_model)
     owned = list(shards)  # actors this run starts, and kills when it ends
     if replicas is None:
         replicas = [GeneratorReplica.options(name=f"memflow-replica-{run_id}-{i}", **replica_options(use_gpu))
@@ -223,7 +235,8 @@ def run(args: argparse.Namespace, replicas: list | None = None) -> int:
         "config": {"preset": args.preset, "memory": args.memory, "fidelity": args.fidelity,
                    "model": args.model or "random",
                    "replicas": replicas_n, "device": "gpu" if use_gpu else "cpu", "memory_shards": len(shards),
-                   "in_flight": args.in_flight, "max_attempts": args.max_attempts, "crf": args.crf},
+                   "in_flight": args.in_flight, "max_attempts": args.max_attempts, "crf": args.crf,
+                   "clip_model": args.clip_model, "dino_model": args.dino_model},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
     storage.write_json("summary.json", summary)

@@ -1,13 +1,17 @@
 """Nightly regression renders: did a change to the model, the weights or the code make
 videos different, worse or slower?
 
-    ray job submit --working-dir . -- python jobs/regression.py --suite URL --baseline URL --output URL [--model URL]
+    ray job submit --working-dir . -- python jobs/regression.py --suite URL --baseline URL --output URL \
+        [--model URL] [--clip-model URL] [--dino-model URL] [--expect-change]
     python jobs/regression.py      # local, tiny preset, bundled suite; creates the baseline on first run
 
 The suite's scripts (fixed seeds) are rendered through the batch machinery into
-<output>/render/ (a batch output, latents included), then each video is compared
-with the baseline render of the same script (jobs/compare.py) and flagged when a
-measure crosses its threshold. Written to <output>: report/index.html (+ images),
+<output>/render/ (a batch output, latents and quality metrics included), then each
+video is compared with the baseline render of the same script (jobs/compare.py) and
+flagged when a measure crosses its threshold; the suite means of the quality
+metrics are judged too. `--expect-change` (a new model or policy: every pixel is
+meant to move) skips the pixel comparisons and judges quality and speed only; the
+verdict says which. Written to <output>: report/index.html (+ images),
 comparison.json and comparison.parquet. `--promote` makes this render the new
 baseline. Exit status: 0 no regression, 1 regression found, 2 the run itself failed.
 """
@@ -34,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator  # 
 from cluster.replica import latents_path, record_path, video_path  # noqa: E402
 from cluster.storage import Storage, storage_options  # noqa: E402
 from jobs import batch  # noqa: E402
-from jobs.compare import Thresholds, compare_videos, judge, latent_difference  # noqa: E402
-from jobs.report import script_images, suite_plots, write_html  # noqa: E402
+from jobs.compare import Thresholds, compare_videos, judge, judge_suite, latent_difference  # noqa: E402
+from jobs.report import filmstrip_picks, script_images, suite_plots, write_html  # noqa: E402
 from memflow.config import FIDELITIES, MEMORY_MODES, PRESETS  # noqa: E402
 from memflow.script import ScriptError, parse_script  # noqa: E402
 
@@ -113,7 +117,10 @@ def _read_optional(storage: Storage, rel: str) -> bytes | None:
     return storage.read_bytes(rel) if storage.exists(rel) else None
 
 
-def compare_runs(base: Storage, cand: Storage, out: Storage, video_ids: list[str], thresholds: Thresholds) -> list[dict]:
+def compare_runs(base: Storage, cand: Storage, out: Storage, video_ids: list[str], thresholds: Thresholds,
+                 pixels: bool = True):
+    """Rows of measures, report images and PSNR series per script; `pixels` False
+    (--expect-change) leaves out PSNR/SSIM and latents."""
     rows, images, psnr_series = [], {}, {}
     for vid in video_ids:
         row = {"id": vid}
@@ -129,12 +136,15 @@ def compare_runs(base: Storage, cand: Storage, out: Storage, video_ids: list[str
                 for name, store in (("b", base), ("c", cand)):
                     paths.append(Path(tmp) / f"{name}.mp4")
                     paths[-1].write_bytes(store.read_bytes(video_path(vid)))
-                video = compare_videos(paths[0], paths[1], c_rec["num_frames"])
-            diff = latent_difference(_read_optional(base, latents_path(vid)), _read_optional(cand, latents_path(vid)))
+                picks = [i for frames in filmstrip_picks(c_rec).values() for i in frames]
+                video = compare_videos(paths[0], paths[1], picks, pixels=pixels)
+            diff = latent_difference(_read_optional(base, latents_path(vid)),
+                                     _read_optional(cand, latents_path(vid))) if pixels else None
             row.update(judge(b_rec, c_rec, video, diff, thresholds))
             row["status"] = "regressed" if row["regressed"] else "clean"
-            images[vid] = script_images(out, vid, video)
-            psnr_series[vid] = video.psnr
+            images[vid] = script_images(out, vid, video, b_rec, c_rec, thresholds)
+            if pixels:
+                psnr_series[vid] = video.psnr
         rows.append(row)
     return rows, images, psnr_series
 
@@ -152,6 +162,14 @@ def write_tables(out: Storage, rows: list[dict]) -> None:
     out.write_bytes("comparison.parquet", buf.getvalue())
 
 
+def judged_on(pixels: bool, suite_quality: list[dict]) -> str:
+    """What the verdict rests on, for the verdict line and the report."""
+    quality = ", ".join(q["metric"] for q in suite_quality) or "no quality metric measured in both runs"
+    if pixels:
+        return f"judged on pixels, latents, traces, quality ({quality}) and speed"
+    return f"--expect-change: pixel comparisons skipped; judged on quality ({quality}) and speed"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default=str(SAMPLE_SUITE), help="suite JSON: {name, scripts: [...], thresholds: {...}}")
@@ -166,6 +184,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-shards", type=int, default=1)
     p.add_argument("--endpoint-url")
     p.add_argument("--address")
+    p.add_argument("--clip-model", help="CLIP folder/URL (Hugging Face layout) for the CLIP score and background "
+                   "consistency; use the baseline's, or those metrics are not compared")
+    p.add_argument("--dino-model", help="DINO folder/URL (Hugging Face layout) for subject consistency")
+    p.add_argument("--expect-change", action="store_true",
+                   help="the model or policy changed on purpose: skip the pixel comparisons (PSNR, SSIM, latents, "
+                        "traces, frame count) and judge quality and speed only")
     p.add_argument("--promote", action="store_true", help="make this run the new baseline")
     return p.parse_args(argv)
 
@@ -185,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
                   "--save-latents",
                   "--crf", "0"]  # lossless: x264 is not bit-reproducible otherwise, and PSNR should see the model
     for flag, value in (("--model", args.model), ("--replicas", args.replicas),
+                        ("--clip-model", args.clip_model), ("--dino-model", args.dino_model),
                         ("--endpoint-url", args.endpoint_url), ("--address", args.address)):
         if value is not None:
             batch_argv += [flag, str(value)]
@@ -201,27 +226,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"verdict: no baseline at {base.url}: created it from this run; later runs compare against it")
         return EXIT_CLEAN
 
-    rows, images, psnr_series = compare_runs(base, render, out, ids, suite.thresholds)
+    pixels = not args.expect_change
+    rows, images, psnr_series = compare_runs(base, render, out, ids, suite.thresholds, pixels)
     write_tables(out, rows)
+    suite_quality = judge_suite(rows, suite.thresholds)
+    out.write_json("suite_quality.json", suite_quality)
     regressed = [r["id"] for r in rows if r.get("regressed")]
+    problems = [f"{r['id']} ({', '.join(r['regressed_measures'])})" for r in rows if r.get("regressed")]
+    problems += [f"suite mean {q['metric']} {q['change']:+.4g} (largest drop allowed {q['limit']:g})"
+                 for q in suite_quality if q["regressed"]]
     failed = [r["id"] for r in rows if r["status"] == "not rendered"]
     if failed:
         verdict = f"run failed: {len(failed)} script(s) not rendered"
-    elif regressed:
-        verdict = f"REGRESSION in {len(regressed)} of {len(rows)} script(s): " + "; ".join(
-            f"{r['id']} ({', '.join(r['regressed_measures'])})" for r in rows if r.get("regressed"))
-    else:
+    elif problems:
+        verdict = f"REGRESSION in {len(regressed)} of {len(rows)} script(s): " + "; ".join(problems)
+    elif pixels:
         verdict = f"clean: {len(rows)} script(s) match the baseline"
-    verdict += f" [memory {memory}, {fidelity} policy]"
+    else:
+        verdict = f"clean: {len(rows)} script(s) no worse than the baseline"
+    verdict += f" [{judged_on(pixels, suite_quality)}; memory {memory}, {fidelity} policy]"
     plots = suite_plots(out, psnr_series, rows)
-    page = write_html(out, f"MemFlow regression: {suite.name}", verdict, rows, images, plots,
-                      suite.thresholds.model_dump())
+    page = write_html(out, f"MemFlow regression: {suite.name}", verdict, rows, images, plots, suite_quality,
+                      suite.thresholds.flat())
     if args.promote:
         copy_render(render, base)
         verdict += f"; promoted to baseline {base.url}"
     print(f"report: {out.url_for(page)}")
     print(f"verdict: {verdict}")
-    return EXIT_FAILED if failed else EXIT_REGRESSED if regressed else EXIT_CLEAN
+    return EXIT_FAILED if failed else EXIT_REGRESSED if problems else EXIT_CLEAN
 
 
 def main(argv=None) -> int:

@@ -1,28 +1,39 @@
 """The regression report: an HTML page people can look at, images beside it.
 
-Per script: a table of measures (regressed ones highlighted), a filmstrip of
-baseline vs candidate thumbnails, and difference heatmaps of the worst frames.
-For the suite: PSNR over time and FPS per script. Images are PNGs written with
-matplotlib; the page only references files next to it, so it opens from object
-storage, a laptop or a CI artifact alike.
+Suite: the verdict and what it judged, the suite means of the quality metrics, a
+table of scripts sortable by any column (by the worst change first; `#sort=KEY`
+or `#sort=-KEY` in the URL picks another order), PSNR over time and FPS per script.
+Per script: the memory timeline (what the bank held and SMA attended at each
+chunk, prompt switches marked; baseline above candidate), the filmstrip with each
+segment's prompt under its frames, per-segment quality bars baseline vs
+candidate, the table of measures and difference heatmaps of the worst frames.
+Images are PNGs written with matplotlib; the page only references files next to
+it, so it opens from object storage, a laptop or a CI artifact alike.
 """
 from __future__ import annotations
 
 import html
 import io
 import math
+from collections import Counter
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from cluster.storage import Storage  # noqa: E402
+from memflow.quality import METRICS, SWITCH_METRICS  # noqa: E402
 
-from .compare import VideoComparison  # noqa: E402
+from .compare import Thresholds, VideoComparison  # noqa: E402
 
 PSNR_CAP_DB = 100.0  # identical frames (infinite PSNR) are drawn here
+BASELINE, CANDIDATE, DROPPED = "#9aa3ad", "#2b7bb9", "#d33"
+STRIP_FRAMES = 12  # filmstrip frames per script, spread over its segments (1 to 3 each)
+LABELS = {"clip_score": "CLIP score", "subject_consistency": "subject consistency",
+          "background_consistency": "background consistency", "temporal_flickering": "temporal flickering"}
 
 
 def _save(fig, storage: Storage, rel: str) -> str:
@@ -33,18 +44,146 @@ def _save(fig, storage: Storage, rel: str) -> str:
     return rel
 
 
-def script_images(storage: Storage, video_id: str, cmp: VideoComparison) -> dict:
-    """Filmstrip and worst-frame heatmaps of one script; returns their relative paths."""
-    strip = []
-    if cmp.strip:
-        fig, axes = plt.subplots(2, len(cmp.strip), figsize=(1.8 * len(cmp.strip), 3.8), squeeze=False)
-        for col, (index, base, cand) in enumerate(cmp.strip):
-            for row, (frame, label) in enumerate(((base, "baseline"), (cand, "candidate"))):
+def filmstrip_picks(record: dict) -> dict[int, list[int]]:
+    """Frames to show per segment: evenly inside it, STRIP_FRAMES in all (1 to 3 a segment)."""
+    segments = record["segments"]
+    k = max(1, min(3, STRIP_FRAMES // len(segments)))
+    return {s["index"]: sorted({int(round(f)) for f in np.linspace(s["start_frame"], s["end_frame"] - 1, k + 2)[1:-1]})
+            for s in segments}
+
+
+# -- memory timeline --------------------------------------------------------------------
+def memory_timeline(record: dict) -> tuple[int, dict[int, dict], dict[int, dict]]:
+    """(frames per chunk, bank, sma): for each chunk, the memory frames (latent frame
+    numbers) the bank held, as the share of blocks holding each, and the frames SMA
+    attended on the chunk's cache-writing pass, as the share of all (block, head) picks.
+    Re-cache passes at a prompt switch revisit earlier frames and are left out."""
+    fpc = max(1, record["segments"][-1]["latent_end"] // record["num_chunks"])
+    trace = sorted(record["retrieval"].get("bank_trace") or [], key=lambda e: e["chunk"])
+    bank, held, j = {}, {}, 0
+    for chunk in range(record["num_chunks"]):
+        while j < len(trace) and trace[j]["chunk"] <= chunk:
+            blocks = trace[j]["frames"]
+            held = {f: n / len(blocks) for f, n in Counter(f for b in blocks for f in b).items()}
+            j += 1
+        bank[chunk] = held
+    sma, newest = {}, -1
+    for entry in record["retrieval"].get("sma_trace") or []:
+        if entry["start"] > newest:
+            newest = entry["start"]
+            total = sum(n for _, n in entry["frames"]) or 1
+            sma[entry["start"] // fpc] = {f: n / total for f, n in entry["frames"]}
+    return fpc, bank, sma
+
+
+def _timeline_axis(ax, record: dict, title: str) -> None:
+    fpc, bank, sma = memory_timeline(record)
+    chunks = record["num_chunks"]
+    for c in range(chunks):  # the chunk being generated, for reference
+        ax.add_patch(plt.Rectangle((c - 0.45, c * fpc - 0.5), 0.9, fpc, color="#e8e8e8", zorder=0, linewidth=0))
+    pts = [(c + (-0.18 if sma.get(c) else 0), f, share) for c, frames in bank.items() for f, share in frames.items()]
+    if pts:
+        x, y, share = zip(*pts)
+        ax.scatter(x, y, c=share, cmap="Blues", vmin=0, vmax=1, marker="s", s=26, edgecolors="#246",
+                   linewidths=0.4, label="bank (shade: share of blocks)", zorder=2)
+    pts = [(c + 0.18, f, share) for c, frames in sma.items() for f, share in frames.items()]
+    if pts:
+        x, y, share = zip(*pts)
+        ax.scatter(x, y, s=[12 + 160 * s for s in share], color="#e8701a", alpha=0.85,
+                   label="SMA attended (size: share of picks)", zorder=3)
+    top = max(chunks * fpc, 1)
+    for s in record["segments"][1:]:
+        x = s["latent_start"] // fpc - 0.5
+        ax.axvline(x, color="#c22", linestyle="--", linewidth=1, zorder=1)
+    for s in record["segments"]:
+        ax.text(s["latent_start"] // fpc - 0.4, top + 0.5, f"seg {s['index']}", fontsize=7, color="#c22", va="bottom")
+    ax.set_xlim(-0.6, chunks - 0.4)
+    ax.set_ylim(-1, top + 3)
+    ax.set_ylabel("memory frame\n(latent index)", fontsize=8)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.tick_params(labelsize=7)
+    if not bank or not any(bank.values()):
+        ax.text(0.5, 0.5, f"no memory bank (memory {record['model']['memory']})", transform=ax.transAxes,
+                ha="center", fontsize=8, color="#666")
+
+
+def timeline_plot(storage: Storage, video_id: str, base: dict, cand: dict) -> str:
+    width = min(14.0, max(7.5, 0.22 * max(base["num_chunks"], cand["num_chunks"])))
+    fig, axes = plt.subplots(2, 1, figsize=(width, 5.4), sharex=True, sharey=True)
+    _timeline_axis(axes[0], base, f"baseline (memory {base['model']['memory']})")
+    _timeline_axis(axes[1], cand, f"candidate (memory {cand['model']['memory']})")
+    axes[1].set_xlabel("chunk (grey: the frames it generates; red dashes: prompt switches)", fontsize=8)
+    legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="upper right", fontsize=7, ncol=2, frameon=False)
+    return _save(fig, storage, f"img/{video_id}-memory.png")
+
+
+# -- filmstrip and per-segment metrics ----------------------------------------------------
+def segment_strips(storage: Storage, video_id: str, cmp: VideoComparison, picks: dict[int, list[int]]) -> dict[int, str]:
+    """One small image per segment: its picked frames, baseline above candidate."""
+    frames = {i: (b, c) for i, b, c in cmp.strip}
+    out = {}
+    for seg, indices in picks.items():
+        indices = [i for i in indices if i in frames]
+        if not indices:
+            continue
+        fig, axes = plt.subplots(2, len(indices), figsize=(1.45 * len(indices), 3.0), squeeze=False)
+        for col, i in enumerate(indices):
+            for row, label in enumerate(("baseline", "candidate")):
                 ax = axes[row][col]
-                ax.imshow(frame)
+                ax.imshow(frames[i][row])
                 ax.set_xticks([]), ax.set_yticks([])
-                ax.set_title(f"{label} #{index}", fontsize=7)
-        strip.append(_save(fig, storage, f"img/{video_id}-strip.png"))
+                if col == 0:
+                    ax.set_ylabel(label, fontsize=7)
+            axes[0][col].set_title(f"#{i}", fontsize=7)
+        fig.subplots_adjust(wspace=0.04, hspace=0.04)
+        out[seg] = _save(fig, storage, f"img/{video_id}-seg{seg}.png")
+    return out
+
+
+def _groups(record: dict, metric: str) -> dict[str, float]:
+    q = record.get("quality") or {}
+    values = {f"seg {s['index']}": s.get(metric) for s in q.get("segments", [])}
+    if metric in SWITCH_METRICS:
+        values.update({f"{w['from_segment']}→{w['to_segment']}": w.get(metric) for w in q.get("switches", [])})
+    return values
+
+
+def quality_bars(storage: Storage, video_id: str, base: dict, cand: dict, thresholds: Thresholds) -> str | None:
+    """Per metric: segments (and windows across switches) side by side, baseline vs
+    candidate; a candidate bar is red where it dropped past the per-script threshold."""
+    metrics = [m for m in METRICS if any(v is not None for r in (base, cand) for v in _groups(r, m).values())]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 2.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        b, c = _groups(base, metric), _groups(cand, metric)
+        names = list(dict.fromkeys([*b, *c]))
+        bv = np.array([np.nan if b.get(n) is None else b[n] for n in names])
+        cv = np.array([np.nan if c.get(n) is None else c[n] for n in names])
+        limit = getattr(thresholds.quality_drop_max, metric)
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, bv, 0.4, color=BASELINE)
+        ax.bar(x + 0.2, cv, 0.4, color=[DROPPED if d > limit else CANDIDATE for d in np.nan_to_num(bv - cv)])
+        values = np.concatenate([bv, cv])
+        values = values[~np.isnan(values)]
+        if values.size:  # zoomed: the differences that matter are small against the values
+            lo, hi = values.min(), values.max()
+            pad = max((hi - lo) * 0.35, abs(hi) * 0.01, 1e-3)
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_xticks(x, names, fontsize=7, rotation=30 if len(names) > 4 else 0)
+        ax.set_title(LABELS[metric], fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.legend([Patch(color=c) for c in (BASELINE, CANDIDATE, DROPPED)],
+               ["baseline", "candidate", "candidate, dropped past the threshold"],
+               loc="upper right", fontsize=7, ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return _save(fig, storage, f"img/{video_id}-quality.png")
+
+
+def worst_frames(storage: Storage, video_id: str, cmp: VideoComparison) -> list[str]:
+    """Difference heatmaps of the lowest-PSNR frames (pixel comparisons only)."""
     heatmaps = []
     for p, index, base, cand in cmp.worst:
         diff = np.abs(base.astype(np.int16) - cand.astype(np.int16)).mean(-1)
@@ -58,45 +197,75 @@ def script_images(storage: Storage, video_id: str, cmp: VideoComparison) -> dict
         axes[2].set_xticks([]), axes[2].set_yticks([])
         fig.colorbar(im, ax=axes[2], fraction=0.046)
         heatmaps.append(_save(fig, storage, f"img/{video_id}-diff-{index}.png"))
-    return {"strip": strip, "heatmaps": heatmaps}
+    return heatmaps
+
+
+def script_images(storage: Storage, video_id: str, cmp: VideoComparison, base: dict, cand: dict,
+                  thresholds: Thresholds) -> dict:
+    """All images of one script; returns their relative paths (and the segments they belong to)."""
+    return {"timeline": timeline_plot(storage, video_id, base, cand),
+            "strips": segment_strips(storage, video_id, cmp, filmstrip_picks(cand)),
+            "segments": cand["segments"],
+            "bars": quality_bars(storage, video_id, base, cand, thresholds),
+            "heatmaps": worst_frames(storage, video_id, cmp)}
 
 
 def suite_plots(storage: Storage, psnr_series: dict[str, list[float]], rows: list[dict]) -> dict:
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for vid, series in psnr_series.items():
-        ax.plot([min(p, PSNR_CAP_DB) for p in series], label=vid, linewidth=1)
-    ax.set_xlabel("frame")
-    ax.set_ylabel(f"PSNR dB (identical = {PSNR_CAP_DB:.0f})")
-    ax.set_title("PSNR over time, candidate vs baseline")
+    plots = {}
     if psnr_series:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        for vid, series in psnr_series.items():
+            ax.plot([min(p, PSNR_CAP_DB) for p in series], label=vid, linewidth=1)
+        ax.set_xlabel("frame")
+        ax.set_ylabel(f"PSNR dB (identical = {PSNR_CAP_DB:.0f})")
+        ax.set_title("PSNR over time, candidate vs baseline")
         ax.legend(fontsize=7, loc="lower left")
-    psnr_png = _save(fig, storage, "psnr.png")
+        plots["psnr"] = _save(fig, storage, "psnr.png")
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ids = [r["id"] for r in rows]
     x = np.arange(len(ids))
-    ax.bar(x - 0.2, [r.get("fps_baseline") or 0 for r in rows], 0.4, label="baseline")
-    ax.bar(x + 0.2, [r.get("fps_candidate") or 0 for r in rows], 0.4, label="candidate")
+    ax.bar(x - 0.2, [r.get("fps_baseline") or 0 for r in rows], 0.4, label="baseline", color=BASELINE)
+    ax.bar(x + 0.2, [r.get("fps_candidate") or 0 for r in rows], 0.4, label="candidate", color=CANDIDATE)
     ax.set_xticks(x, ids, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("generation FPS")
     ax.set_title("FPS per script")
     ax.legend(fontsize=7)
-    fps_png = _save(fig, storage, "fps.png")
-    return {"psnr": psnr_png, "fps": fps_png}
+    plots["fps"] = _save(fig, storage, "fps.png")
+    return plots
 
 
+# -- the page -------------------------------------------------------------------------------
 def _fmt(value) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         if math.isinf(value):
-            return "∞"
+            return "∞" if value > 0 else "-∞"
         return f"{value:.4g}"
     return html.escape(str(value))
+
+
+def _signed(value, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 100:+.1f}%" if percent else f"{value:+.4g}"
+
+
+def _sort_key(value) -> str:
+    """A cell's data-v: numbers sort as numbers, missing values last in either direction."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (int, float)):  # JavaScript's parseFloat reads "Infinity", not Python's "inf"
+        return "Infinity" if value == math.inf else "-Infinity" if value == -math.inf else repr(float(value))
+    return html.escape(str(value).lower(), quote=True)
 
 
 MEASURES = [("frames_baseline", "frames (baseline)", "frame_count"), ("frames_candidate", "frames (candidate)", "frame_count"),
             ("identical_frames", "identical frames", None), ("psnr_min_db", "min PSNR dB", "psnr"),
             ("psnr_mean_db", "mean PSNR dB (differing frames)", "psnr"),
             ("ssim_min", "min SSIM", "ssim"), ("latent_max_abs", "max |Δ latent|", "latent"),
+            *[(f"{m}_{side}", f"{LABELS[m]} ({side})", m) for m in METRICS for side in ("baseline", "candidate")],
             ("fps_baseline", "FPS (baseline)", "fps"), ("fps_candidate", "FPS (candidate)", "fps"),
             ("chunk_s_baseline", "s/chunk (baseline)", "chunk_seconds"),
             ("chunk_s_candidate", "s/chunk (candidate)", "chunk_seconds"),
@@ -104,37 +273,137 @@ MEASURES = [("frames_baseline", "frames (baseline)", "frame_count"), ("frames_ca
             ("traces_match", "retrieval traces identical", "traces"), ("config_changed", "config changed", None),
             ("fidelity_baseline", "memory policy (baseline)", None), ("fidelity_candidate", "memory policy (candidate)", None)]
 
+def _worst(row: dict) -> float | None:
+    """A script that did not render is the worst change of all."""
+    return math.inf if row["status"] == "not rendered" else row.get("worst_change")
+
+
+# The suite table: (key, header, cell value, sort value, measure whose flag colours the cell)
+COLUMNS = [("id", "script", lambda r: html.escape(r["id"]), lambda r: r["id"], None),
+           ("status", "verdict", lambda r: html.escape(r["status"]), lambda r: r["status"], None),
+           ("worst_change", "worst change ×threshold",
+            lambda r: f"{_fmt(r.get('worst_change'))} <small>{html.escape(r.get('worst_measure') or '')}</small>",
+            _worst, None),
+           *[(f"{m}_change", f"Δ {LABELS[m]}", lambda r, m=m: _signed(r.get(f"{m}_change")),
+              lambda r, m=m: r.get(f"{m}_change"), m) for m in METRICS],
+           ("fps_change", "FPS change", lambda r: _signed(r.get("fps_change"), percent=True),
+            lambda r: r.get("fps_change"), "fps"),
+           ("regressed_measures", "regressed measures", lambda r: html.escape(", ".join(r.get("regressed_measures", []))),
+            lambda r: len(r.get("regressed_measures", [])), None)]
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1180px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}
+th{background:#f3f3f3}th[data-key]{cursor:pointer;user-select:none}th[data-key]:hover{background:#e4ecf5}
+th.sorted::after{content:" ▾"}th.sorted.asc::after{content:" ▴"}
+.bad{background:#fdd;font-weight:bold}.ok{color:#270}.verdict{font-size:1.25em;padding:.6em .9em;border-radius:6px}
+.v-clean{background:#e6f4e6}.v-regressed{background:#fde4e4}.v-failed{background:#eee}
+img{max-width:100%}h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1em;margin:1.2em 0 .3em}
+.strip{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+.seg{flex:1 1 300px;max-width:420px;margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa}
+.seg img{width:100%}
+.seg figcaption{font-size:12px;line-height:1.35}.seg .prompt{font-style:italic}.seg .meta{color:#666}
+details{margin:.4em 0}summary{cursor:pointer}small{color:#666}"""
+
+_SORT_JS = """const table=document.getElementById('suite-table');
+function sortTable(key,desc){const heads=[...table.tHead.rows[0].cells];const i=heads.findIndex(h=>h.dataset.key===key);
+if(i<0)return;const body=table.tBodies[0];const rows=[...body.rows];
+const val=r=>{const v=r.cells[i].dataset.v;return v===''?null:(isNaN(parseFloat(v))?v:parseFloat(v));};
+rows.sort((a,b)=>{const x=val(a),y=val(b);if(x===null)return 1;if(y===null)return -1;
+const c=typeof x==='number'&&typeof y==='number'?x-y:String(x).localeCompare(String(y));return desc?-c:c;});
+rows.forEach(r=>body.appendChild(r));heads.forEach(h=>h.classList.remove('sorted','asc'));
+heads[i].classList.add('sorted');if(!desc)heads[i].classList.add('asc');table.dataset.sort=(desc?'-':'')+key;}
+table.tHead.addEventListener('click',e=>{const h=e.target.closest('th[data-key]');
+if(h)sortTable(h.dataset.key,table.dataset.sort!=='-'+h.dataset.key);});
+const m=location.hash.match(/^#sort=(-?)([\\w.-]+)$/);if(m)sortTable(m[2],m[1]==='-');"""
+
+
+def _suite_table(rows: list[dict]) -> list[str]:
+    """Sorted by the worst change (in the page too, so it reads right without scripts)."""
+    ordered = sorted(rows, key=lambda r: -math.inf if _worst(r) is None else _worst(r), reverse=True)
+    parts = ["<table id='suite-table' data-sort='-worst_change'><thead><tr>"]
+    for key, header, _, _, _ in COLUMNS:
+        cls = " class='sorted'" if key == "worst_change" else ""
+        parts.append(f"<th data-key='{key}'{cls} title='click to sort'>{html.escape(header)}</th>")
+    parts.append("</tr></thead><tbody>")
+    for r in ordered:
+        cells = []
+        for key, _, show, sort, measure in COLUMNS:
+            flagged = (measure in r.get("regressed_measures", [])) or (key == "status" and r.get("regressed"))
+            cls = "bad" if flagged else "ok" if key == "status" else ""
+            content = f"<a href='#{html.escape(r['id'])}'>{show(r)}</a>" if key == "id" else show(r)
+            cells.append(f"<td class='{cls}' data-v='{_sort_key(sort(r))}'>{content}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    return parts
+
+
+def _suite_quality(suite: list[dict]) -> list[str]:
+    if not suite:
+        return ["<p>No quality metric was measured comparably in both runs.</p>"]
+    parts = ["<table><tr><th>metric</th><th>scripts</th><th>baseline mean</th><th>candidate mean</th>"
+             "<th>change</th><th>largest drop allowed</th><th>verdict</th></tr>"]
+    for q in suite:
+        bad = q["regressed"]
+        parts.append(f"<tr><td>{LABELS[q['metric']]}</td><td>{q['scripts']}</td><td>{_fmt(q['baseline'])}</td>"
+                     f"<td>{_fmt(q['candidate'])}</td><td class='{'bad' if bad else ''}'>{_signed(q['change'])}</td>"
+                     f"<td>{_fmt(q['limit'])}</td><td class='{'bad' if bad else 'ok'}'>"
+                     f"{'dropped' if bad else 'ok'}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
+def _filmstrip(images: dict) -> list[str]:
+    parts = ["<div class='strip'>"]
+    for seg in images.get("segments", []):
+        src = images["strips"].get(seg["index"])
+        if src is None:
+            continue
+        parts.append(f"<figure class='seg'><img src='{src}' alt='segment {seg['index']} frames, baseline above "
+                     f"candidate'><figcaption><b>segment {seg['index']}</b> "
+                     f"<span class='meta'>frames {seg['start_frame']}–{seg['end_frame'] - 1}, "
+                     f"{seg['start_s']:.1f}–{seg['end_s']:.1f} s</span><br>"
+                     f"<span class='prompt'>“{html.escape(seg['prompt'])}”</span></figcaption></figure>")
+    parts.append("</div>")
+    return parts
+
 
 def write_html(storage: Storage, title: str, verdict: str, rows: list[dict], images: dict[str, dict],
-               plots: dict, thresholds: dict) -> str:
+               plots: dict, suite: list[dict], thresholds: dict) -> str:
+    state = "failed" if verdict.startswith("run failed") else "regressed" if "REGRESSION" in verdict else "clean"
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
-             "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}"
-             ".bad{background:#fdd;font-weight:bold}.ok{color:#270}.verdict{font-size:1.3em}"
-             "img{max-width:100%}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><p class='verdict'>{html.escape(verdict)}</p>",
-             "<h2>Suite</h2><table><tr><th>script</th><th>verdict</th><th>regressed measures</th></tr>"]
+             f"<style>{_STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><p class='verdict v-{state}'>{html.escape(verdict)}</p>",
+             "<h2>Quality, suite means</h2>", *_suite_quality(suite),
+             "<h2>Scripts</h2><p><small>Worst change: the quality or speed change furthest past its "
+             "threshold, in thresholds (above 1 is flagged, below 0 is better). Click a header to sort; "
+             "<code>#sort=KEY</code> or <code>#sort=-KEY</code> in the address sorts on opening.</small></p>",
+             *_suite_table(rows)]
+    parts += [f"<img src='{src}' alt='{alt}'>" for key, alt in (("psnr", "PSNR over time"), ("fps", "FPS per script"))
+              if (src := plots.get(key))]
     for r in rows:
-        bad = r.get("regressed")
-        parts.append(f"<tr><td><a href='#{html.escape(r['id'])}'>{html.escape(r['id'])}</a></td>"
-                     f"<td class='{'bad' if bad else 'ok'}'>{html.escape(r['status'])}</td>"
-                     f"<td>{html.escape(', '.join(r.get('regressed_measures', [])))}</td></tr>")
-    parts.append("</table>")
-    parts.append(f"<img src='{plots['psnr']}' alt='PSNR over time'><img src='{plots['fps']}' alt='FPS per script'>")
-    for r in rows:
-        parts.append(f"<h2 id='{html.escape(r['id'])}'>{html.escape(r['id'])}: {html.escape(r['status'])}</h2>")
-        if "psnr_min_db" in r:
-            parts.append("<table><tr><th>measure</th><th>value</th></tr>")
+        vid = html.escape(r["id"])
+        parts.append(f"<h2 id='{vid}'>{vid}: {html.escape(r['status'])}</h2>")
+        img = images.get(r["id"], {})
+        if img.get("timeline"):
+            parts.append(f"<h3>Memory timeline</h3><img src='{img['timeline']}' alt='memory timeline, baseline "
+                         f"above candidate'>")
+        if img.get("strips"):
+            parts += ["<h3>Filmstrip (baseline above candidate)</h3>", *_filmstrip(img)]
+        if img.get("bars"):
+            parts.append(f"<h3>Quality per segment</h3><img src='{img['bars']}' alt='per-segment quality, "
+                         f"baseline vs candidate'>")
+        if "frames_candidate" in r:
+            parts.append("<details><summary>All measures</summary><table><tr><th>measure</th><th>value</th></tr>")
             for key, label, flag in MEASURES:
                 cls = " class='bad'" if flag in r.get("regressed_measures", []) else ""
                 parts.append(f"<tr><td>{label}</td><td{cls}>{_fmt(r.get(key))}</td></tr>")
-            parts.append("</table>")
-        for src in images.get(r["id"], {}).get("strip", []):
-            parts.append(f"<img src='{src}' alt='filmstrip baseline vs candidate'>")
-        for src in images.get(r["id"], {}).get("heatmaps", []):
+            parts.append("</table></details>")
+        if img.get("heatmaps"):
+            parts.append("<h3>Most different frames</h3>")
+        for src in img.get("heatmaps", []):
             parts.append(f"<img src='{src}' alt='difference heatmap'>")
     parts.append("<h2>Thresholds</h2><table>" + "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in thresholds.items()) + "</table>")
-    parts.append("</body></html>")
+    parts.append(f"<script>{_SORT_JS}</script></body></html>")
     storage.write_text("report/index.html", "\n".join(parts))
     return "report/index.html"
