@@ -14,11 +14,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .attention import AttentionBackend
+from .chunkpipe import ChunkPipe
 from .config import MemoryConfig, Preset, fingerprint, get_preset
 from .memory import Ranker, StreamMemory
 from .sampler import TRAIN_STEPS, denoising_sigmas, sample_chunk
 from .script import Plan, Script
-from .transformer import CausalWanTransformer, build_transformer, place
+from .transformer import CausalWanTransformer, Compiled, Eager, build_transformer, place
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Generation:
     fps: int
     retrieval: dict | None = None  # the ranker's summary: recorded frames, what each NAM update kept
     sma_trace: list[dict] = field(default_factory=list)  # memory frames SMA attended, per writing pass
+    decoded: object = None  # what `frames_to` returned (decoding ran alongside generation)
+    decode_tail_seconds: float = 0.0  # how long decoding went on after the last chunk was generated
 
     @property
     def seconds(self) -> float:
@@ -58,9 +62,31 @@ class Generation:
 class RenderResult:
     generation: Generation
     frames: int
-    decode_seconds: float
+    decode_seconds: float  # decoding and encoding that went on after the last chunk (they overlap generation)
     path: str = ""
     extra: dict = field(default_factory=dict)
+
+
+class ChunkClock:
+    """Seconds per chunk without waiting for the device: CUDA events on a GPU, read once
+    at the end; the host clock on the CPU (where work is done when the call returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 class RecentLatents:
@@ -104,19 +130,26 @@ class MemFlowGenerator:
     @classmethod
     def from_preset(cls, preset: str | Preset = "tiny", *, model: str | None = None, transformer: str | None = None,
                     lora: str | None = None, memory: MemoryConfig | None = None, device: str | None = None,
-                    dtype: torch.dtype | None = None, seed: int = 0) -> "MemFlowGenerator":
+                    dtype: torch.dtype | None = None, seed: int = 0, compile: bool | None = None,
+                    attention: str = "auto", vae_dtype: torch.dtype | None = None) -> "MemFlowGenerator":
         """Build a generator. Random weights (seeded) unless weights are given:
         `model`: a directory or URL in diffusers' Wan layout (transformer/, vae/,
         text_encoder/, tokenizer/), optionally with MemFlow's base.pt and lora.pt at
         its top level; `transformer` / `lora`: override the transformer weights
-        (diffusers folder, .safetensors/.pt/.pth, or MemFlow base.pt) and the LoRA."""
+        (diffusers folder, .safetensors/.pt/.pth, or MemFlow base.pt) and the LoRA.
+
+        On a GPU the defaults are the fast path: transformer and VAE in bfloat16, the
+        blocks compiled (`compile=False` runs them eager), `attention` "auto" (see
+        memflow/attention.py). On the CPU: float32, eager."""
         from .text import build_text_encoder
         from .vae import WanVAE
         from .weights import load_transformer_weights, resolve
 
         preset = get_preset(preset) if isinstance(preset, str) else preset
         device = device or default_device()
-        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        gpu = str(device).startswith("cuda")
+        dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+        vae_dtype = vae_dtype or (torch.bfloat16 if gpu else torch.float32)
         model_dir = resolve(model) if model else None
         if model_dir is not None:
             if transformer is None:
@@ -129,12 +162,14 @@ class MemFlowGenerator:
         elif lora is not None:
             raise ValueError("--lora needs base weights: give --model or --transformer too")
         net = place(net, device, dtype)
+        net.execution = Compiled() if (gpu if compile is None else compile) else Eager()
+        net.attention = AttentionBackend(attention).check(torch.device(device), dtype, net.head_dim)
         text = build_text_encoder(preset, str(model_dir) if model_dir else None, device=device, dtype=dtype)
         # Random-weight presets take the VAE from the model folder only when it has one
         # (a folder may carry just a transformer); the official preset always needs it.
         real_vae = model_dir is not None and (preset.text_encoder == "umt5" or (model_dir / "vae").exists())
-        vae = (WanVAE.from_pretrained(str(model_dir), device=device) if real_vae
-               else WanVAE.from_config(preset.vae, seed=seed).to(device))
+        vae = (WanVAE.from_pretrained(str(model_dir), device=device, dtype=vae_dtype) if real_vae
+               else WanVAE.from_config(preset.vae, seed=seed).to(device, vae_dtype))
         return cls(net, text, vae, preset, memory, device)
 
     @property
@@ -161,15 +196,19 @@ class MemFlowGenerator:
     def chunks(self, script: Script, mem: StreamMemory) -> Iterator[tuple[ChunkEvent, torch.Tensor]]:
         """Generate a script chunk by chunk: yields (event, the chunk's final latents
         [1, C, F, h, w] on the device) as each chunk is done, so a consumer can decode it
-        while the next one is generated, or step several generators in lockstep."""
+        while the next one is generated, or step several generators in lockstep.
+
+        The loop never waits for the device: noise is drawn on it (a generator seeded by
+        the script), RoPE tables are built on it, the memory keeps its state and traces
+        there. On a GPU the host runs ahead; `event.seconds` is host time."""
         cfg, fpc = self.memory, self.memory.frames_per_chunk
         plan = script.plan(fpc)
         h, w = self.latent_shape(script)
-        rng = torch.Generator("cpu").manual_seed(script.seed)
+        rng = torch.Generator(self.device).manual_seed(script.seed)
         shape = (1, self.transformer.config.in_channels, fpc, h, w)
 
         def noise():
-            return torch.randn(shape, generator=rng).to(self.device)
+            return torch.randn(shape, generator=rng, device=self.device)
 
         recent = RecentLatents(cfg.local_attn_size)
         text = None
@@ -196,31 +235,45 @@ class MemFlowGenerator:
             self._pass(mem, context, cfg.context_noise, start, text, write=True,
                        record=c % cfg.record_interval == 0)
             recent.add(x0)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
             yield ChunkEvent(c, plan.num_chunks, time.perf_counter() - t0, seg.index), x0
 
     def generate(self, script: Script, *, ranker: Ranker | None = None, video_id: str | None = None,
-                 on_chunk: Callable[[ChunkEvent], None] | None = None,
-                 memory: StreamMemory | None = None) -> Generation:
-        """Render a script's latents. `ranker` serves NAM (in-process by default; the
-        Ray memory service in a cluster); `memory` lets tests inspect the state."""
+                 on_chunk: Callable[[ChunkEvent], None] | None = None, memory: StreamMemory | None = None,
+                 frames_to: Callable[[Iterator[np.ndarray]], object] | None = None) -> Generation:
+        """Render a script's latents. `ranker` serves NAM (on the device, in process, by
+        default; the Ray memory service in a cluster); `memory` lets tests inspect the state.
+        `frames_to(frames)`: decode each chunk in a second thread while the next ones are
+        generated and hand the uint8 RGB frames to it (an encoder, metrics); its return
+        value is `Generation.decoded`."""
         video_id = video_id or script.video_id
         mem = memory or self.memory_for(script, ranker, video_id)
+        pipe = ChunkPipe(self.device).start(lambda chunks: frames_to(self.vae.decode_stream(chunks))) \
+            if frames_to is not None else None
         latents: list[torch.Tensor] = []
-        chunk_seconds, peak, retrieval = [], 0, None
+        clock = ChunkClock(self.device)
+        peak, retrieval = 0, None
         try:
+            clock.mark()
             for event, x0 in self.chunks(script, mem):
-                latents.append(x0.float().cpu())
+                clock.mark()
+                latents.append(x0)
+                if pipe is not None:
+                    pipe.put(x0)
                 peak = max(peak, mem.nbytes())
-                chunk_seconds.append(event.seconds)
                 if on_chunk is not None:
                     on_chunk(event)
+        except BaseException:
+            if pipe is not None:
+                pipe.abort()
+            raise
         finally:
             if memory is None:
                 retrieval = mem.close()
-        return Generation(video_id, script, script.plan(self.memory.frames_per_chunk), torch.cat(latents, 2),
-                          chunk_seconds, mem.trace, peak, script.fps, retrieval, mem.sma_trace)
+        generated = time.perf_counter()
+        decoded = pipe.finish() if pipe is not None else None
+        return Generation(video_id, script, script.plan(self.memory.frames_per_chunk),
+                          torch.cat(latents, 2).float().cpu(), clock.seconds(), mem.trace, peak, script.fps,
+                          retrieval, mem.sma_trace, decoded, time.perf_counter() - generated)
 
     def _pass(self, mem: StreamMemory, x, timestep: float, start: int, text, write: bool, record: bool = False):
         frames = x.shape[2]
@@ -244,11 +297,12 @@ class MemFlowGenerator:
         """Decoded uint8 RGB frames, streamed (memory bounded for long videos)."""
         return self.vae.decode_stream(generation.latents)
 
-    def render(self, script: Script, dest: str | Path, **kwargs) -> RenderResult:
-        """Generate, decode and write an mp4 (a local path or a writable binary file object)."""
+    def render(self, script: Script, dest: str | Path, crf: int = 18, **kwargs) -> RenderResult:
+        """Generate, decode and write an mp4 (a local path or a writable binary file object);
+        chunks are decoded and encoded while the next ones are generated."""
         from .video import write_mp4
 
-        gen = self.generate(script, **kwargs)
-        t0 = time.perf_counter()
-        n = write_mp4(self.frames(gen), dest, fps=gen.fps)
-        return RenderResult(gen, n, time.perf_counter() - t0, str(dest) if isinstance(dest, (str, Path)) else "")
+        gen = self.generate(script, frames_to=lambda frames: write_mp4(frames, dest, fps=script.fps, crf=crf),
+                            **kwargs)
+        return RenderResult(gen, gen.decoded, gen.decode_tail_seconds,
+                            str(dest) if isinstance(dest, (str, Path)) else "")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
+from .attention import AttentionBackend
 from .rope import apply_rope, rope_tables
 
 
@@ -32,6 +33,10 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class CausalWanTransformer(WanTransformer3DModel):
+    # how the block halves run (Eager / Compiled) and which SDPA kernels attend: swappable
+    execution: "Eager | Compiled"
+    attention: AttentionBackend
+
     @property
     def heads(self) -> int:
         return self.config.num_attention_heads
@@ -77,45 +82,93 @@ class CausalWanTransformer(WanTransformer3DModel):
         for i, block in enumerate(self.blocks):
             x = self._block(i, block, x, proj, (cos, sin), text, memory, f)
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None].float()).unbind(2)
-        x = self._per_frame(self.norm_out(x.float()), f, lambda y: y * (1 + scale[:, :, None]) + shift[:, :, None])
+        x = _per_frame(self.norm_out(x.float()), f, lambda y: y * (1 + scale[:, :, None]) + shift[:, :, None])
         x = self.proj_out(x.to(self.dtype))
         x = x.reshape(b, f, ph, pw, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
 
-    @staticmethod
-    def _per_frame(x: torch.Tensor, frames: int, fn) -> torch.Tensor:
-        """Apply fn to x [B, F*T, D] seen as [B, F, T, D] (per-frame modulation)."""
-        b, n, d = x.shape
-        return fn(x.view(b, frames, n // frames, d)).view(b, n, d)
+    @property
+    def compiled(self) -> bool:
+        return isinstance(self.execution, Compiled)
 
     def _block(self, index, block, x, proj, rope, text: TextContext, memory, frames):
-        mod = (block.scale_shift_table[None] + proj.float()).unbind(2)  # 6 x [B, F, D]
-        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None] for m in mod)
-        dtype = x.dtype
-
-        h = self._per_frame(block.norm1(x.float()), frames, lambda y: y * (1 + scale) + shift).to(dtype)
-        a = self._self_attention(index, block.attn1, h, rope, memory)
-        x = self._per_frame(x.float(), frames, lambda y: y + a.view_as(y) * gate).to(dtype)
-
-        h = block.norm2(x.float()).to(dtype)
-        attn = block.attn2
-        q = _heads(attn.norm_q(attn.to_q(h)), self.heads)
-        o = F.scaled_dot_product_attention(q, text.k[index], text.v[index])
-        x = x + attn.to_out[0](o.transpose(1, 2).flatten(2))
-
-        h = self._per_frame(block.norm3(x.float()), frames, lambda y: y * (1 + c_scale) + c_shift).to(dtype)
-        ff = block.ffn(h)
-        return self._per_frame(x.float(), frames, lambda y: y + ff.float().view_as(y) * c_gate).to(dtype)
-
-    def _self_attention(self, index, attn, h, rope, memory):
-        q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1)), *rope).transpose(1, 2)
-        k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1)), *rope).transpose(1, 2)
-        v = _heads(attn.to_v(h), self.heads)
+        """One block: its two halves run eager or compiled; between them the memory
+        (eager bookkeeping) lays out the keys, and after them keeps what the pass writes."""
+        run = self.execution
+        q, k, v = run.attend_in(block, self.heads, x, proj, rope[0], rope[1], frames)
         keys, values, mask = memory.keys(index, q, k, v) if memory is not None else (k, v, None)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        with self.attention.context(masked=mask is not None):
+            x = run.attend_out(block, x, proj, q, keys, values, mask, text.k[index], text.v[index], frames)
         if memory is not None:
             memory.store(index, k, v)
-        return attn.to_out[0](o.transpose(1, 2).flatten(2))
+        return x
+
+
+def _per_frame(x: torch.Tensor, frames: int, fn) -> torch.Tensor:
+    """Apply fn to x [B, F*T, D] seen as [B, F, T, D] (per-frame modulation)."""
+    b, n, d = x.shape
+    return fn(x.view(b, frames, n // frames, d)).view(b, n, d)
+
+
+def _modulations(block, proj: torch.Tensor):
+    """shift, scale, gate, cross shift, cross scale, cross gate: 6 x [B, F, 1, D] float32."""
+    return tuple(m[:, :, None] for m in (block.scale_shift_table[None] + proj.float()).unbind(2))
+
+
+def attend_in(block, heads: int, x, proj, cos, sin, frames: int):
+    """First half of a block: modulated norm, then the self-attention's q, k, v
+    ([B, H, N, D], RoPE applied to q and k)."""
+    shift, scale = _modulations(block, proj)[:2]
+    h = _per_frame(block.norm1(x.float()), frames, lambda y: y * (1 + scale) + shift).to(x.dtype)
+    attn = block.attn1
+    q = apply_rope(attn.norm_q(attn.to_q(h)).unflatten(2, (heads, -1)), cos, sin).transpose(1, 2)
+    k = apply_rope(attn.norm_k(attn.to_k(h)).unflatten(2, (heads, -1)), cos, sin).transpose(1, 2)
+    return q, k, _heads(attn.to_v(h), heads)
+
+
+def attend_out(block, x, proj, q, keys, values, mask, text_k, text_v, frames: int):
+    """Second half: self-attention over the keys the memory laid out (mask: the slots to
+    attend, None for all), gated residual, cross-attention to the prompt, feed-forward."""
+    _, _, gate, c_shift, c_scale, c_gate = _modulations(block, proj)
+    dtype = x.dtype
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    a = block.attn1.to_out[0](o.transpose(1, 2).flatten(2))
+    x = _per_frame(x.float(), frames, lambda y: y + a.view_as(y) * gate).to(dtype)
+
+    h = block.norm2(x.float()).to(dtype)
+    attn = block.attn2
+    o = F.scaled_dot_product_attention(_heads(attn.norm_q(attn.to_q(h)), q.shape[1]), text_k, text_v)
+    x = x + attn.to_out[0](o.transpose(1, 2).flatten(2))
+
+    h = _per_frame(block.norm3(x.float()), frames, lambda y: y * (1 + c_scale) + c_shift).to(dtype)
+    ff = block.ffn(h)
+    return _per_frame(x.float(), frames, lambda y: y + ff.float().view_as(y) * c_gate).to(dtype)
+
+
+class Eager:
+    """The block halves as plain PyTorch."""
+
+    name = "eager"
+    attend_in = staticmethod(attend_in)
+    attend_out = staticmethod(attend_out)
+
+
+class Compiled:
+    """The block halves through torch.compile (inductor), whole graphs only (no graph
+    breaks): the norm / modulation / RoPE chain fuses, and every block reuses the same
+    two graphs per pass shape. `mode="reduce-overhead"` adds CUDA-graph replay."""
+
+    name = "compiled"
+
+    def __init__(self, mode: str | None = None, backend: str = "inductor"):
+        # one graph per pass shape (chunk, re-cache spans, masked or not): more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.attend_in = torch.compile(attend_in, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+        self.attend_out = torch.compile(attend_out, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+
+
+CausalWanTransformer.execution = Eager()
+CausalWanTransformer.attention = AttentionBackend()
 
 
 def place(model: CausalWanTransformer, device=None, dtype=torch.float32) -> CausalWanTransformer:
