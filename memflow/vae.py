@@ -76,24 +76,43 @@ class WanVAE:
         Each call keeps its own conv cache, so several streams may interleave. The
         input iterator is pulled outside inference mode: its tensors stay ordinary.
         """
-        chunks = [latents] if isinstance(latents, torch.Tensor) else latents
-        cache = [None] * self._num_convs
-        first = True
-        for chunk in chunks:
-            if chunk.dim() != 5 or chunk.shape[0] != 1 or chunk.shape[1] != self.model.config.z_dim:
-                raise ValueError(f"expected latents [1, {self.model.config.z_dim}, n, h, w], got {tuple(chunk.shape)}")
-            for i in range(chunk.shape[2]):
-                yield from self._decode_frame(chunk[:, :, i : i + 1], cache, first)
-                first = False
+        decoder = self.decoder()
+        for chunk in ([latents] if isinstance(latents, torch.Tensor) else latents):
+            yield from decoder.decode(chunk)
+
+    def decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """One video's decoder state (the conv caches): `decode` chunk after chunk."""
+
+    def __init__(self, vae: WanVAE):
+        self.vae = vae
+        self.cache = [None] * vae._num_convs
+        self.first = True
+        cfg = vae.model.config
+        self.mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(vae.device, vae.dtype)
+        self.std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(vae.device, vae.dtype)
+
+    def decode(self, chunk: torch.Tensor) -> list[np.ndarray]:
+        """Latents [1, 16, n, h, w] -> the video frames they decode to, in order."""
+        z_dim = self.vae.model.config.z_dim
+        if chunk.dim() != 5 or chunk.shape[0] != 1 or chunk.shape[1] != z_dim:
+            raise ValueError(f"expected latents [1, {z_dim}, n, h, w], got {tuple(chunk.shape)}")
+        frames = []
+        for i in range(chunk.shape[2]):
+            frames.extend(self._decode_frame(chunk[:, :, i:i + 1]))
+            self.first = False
+        return frames
 
     @torch.inference_mode()
-    def _decode_frame(self, z: torch.Tensor, cache: list, first: bool) -> np.ndarray:
+    def _decode_frame(self, z: torch.Tensor) -> np.ndarray:
         """One latent frame -> uint8 [T, H, W, 3], with the same arithmetic as
         WanPipeline (un-normalize, decode, clamp) and its VideoProcessor (to [0, 1], round)."""
-        m, cfg = self.model, self.model.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(self.device, self.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(self.device, self.dtype)
-        z = z.to(self.device, self.dtype) / inv_std + mean
-        out = m.decoder(m.post_quant_conv(z), feat_cache=cache, feat_idx=[0], first_chunk=first)
+        vae = self.vae
+        m = vae.model
+        z = z.to(vae.device, vae.dtype) / (1.0 / self.std) + self.mean
+        out = m.decoder(m.post_quant_conv(z), feat_cache=self.cache, feat_idx=[0], first_chunk=self.first)
         video = (out.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0, 1).float()
         return (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).contiguous().cpu().numpy()

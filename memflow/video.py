@@ -6,7 +6,6 @@ fragmented MP4, whose index is written up front instead of patched in at the end
 """
 from __future__ import annotations
 
-import itertools
 import os
 from typing import BinaryIO, Iterable, Iterator
 
@@ -20,36 +19,61 @@ def _target(f: Source):
     return os.fspath(f) if isinstance(f, (str, os.PathLike)) else f
 
 
-def write_mp4(frames: Iterable[np.ndarray], dest: Source, fps: int, crf: int = 18) -> int:
-    """Encode uint8 RGB frames [H, W, 3] (H and W even, as yuv420p needs) to H.264
-    MP4 at `fps`; returns the number of frames written.
+class Mp4Writer:
+    """An H.264 MP4 open for frames: `write` uint8 RGB frames [H, W, 3] (H and W even, as
+    yuv420p needs) one at a time, `close` to flush; the first frame sets the size.
 
     Only `crf=0` (lossless) decodes to the same pixels every time: at other settings the
     x264 that PyAV bundles makes run-to-run different choices for identical input (it reads
     memory it never initialised: runs agree under glibc's MALLOC_PERTURB_)."""
-    it = iter(frames)
-    first = next(it, None)
-    if first is None:
-        raise ValueError("no frames to write")
-    if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 RGB [H, W, 3], got {first.dtype} {first.shape}")
-    height, width = first.shape[:2]
-    if height % 2 or width % 2:
-        raise ValueError(f"H.264/yuv420p needs an even width and height, got {width}x{height}; crop or pad the frames")
-    target = _target(dest)
-    seekable = isinstance(target, str) or getattr(target, "seekable", lambda: False)()
-    options = {} if seekable else {"movflags": "frag_keyframe+empty_moov"}
-    count = 0
-    with av.open(target, mode="w", format="mp4", options=options) as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for frame in itertools.chain([first], it):
-            if frame.shape != first.shape or frame.dtype != np.uint8:
-                raise ValueError(f"frame {count} is {frame.dtype} {frame.shape}, expected uint8 {first.shape}")
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-            count += 1
-        container.mux(stream.encode())  # flush the encoder's delayed frames
-    return count
+
+    def __init__(self, dest: Source, fps: int, crf: int = 18):
+        self.dest, self.fps, self.crf = _target(dest), fps, crf
+        self.count = 0
+        self.container = self.stream = self.shape = None
+
+    def _open(self, frame: np.ndarray) -> None:
+        height, width = frame.shape[:2]
+        if height % 2 or width % 2:
+            raise ValueError(f"H.264/yuv420p needs an even width and height, got {width}x{height}; crop or pad the frames")
+        seekable = isinstance(self.dest, str) or getattr(self.dest, "seekable", lambda: False)()
+        options = {} if seekable else {"movflags": "frag_keyframe+empty_moov"}
+        self.container = av.open(self.dest, mode="w", format="mp4", options=options)
+        self.stream = self.container.add_stream("libx264", rate=self.fps, options={"crf": str(self.crf)})
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.shape = frame.shape
+
+    def write(self, frame: np.ndarray) -> None:
+        if self.shape is None:
+            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+                raise ValueError(f"frames must be uint8 RGB [H, W, 3], got {frame.dtype} {frame.shape}")
+            self._open(frame)
+        elif frame.shape != self.shape or frame.dtype != np.uint8:
+            raise ValueError(f"frame {self.count} is {frame.dtype} {frame.shape}, expected uint8 {self.shape}")
+        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        self.count += 1
+
+    def close(self) -> int:
+        """Flush the encoder's delayed frames and finish the file; returns the frame count."""
+        if self.container is None:
+            raise ValueError("no frames to write")
+        self.container.mux(self.stream.encode())
+        self.container.close()
+        return self.count
+
+
+def write_mp4(frames: Iterable[np.ndarray], dest: Source, fps: int, crf: int = 18) -> int:
+    """Encode uint8 RGB frames to H.264 MP4 at `fps` as they arrive (see Mp4Writer);
+    returns the number of frames written."""
+    writer = Mp4Writer(dest, fps, crf)
+    try:
+        for frame in frames:
+            writer.write(frame)
+    except BaseException:
+        if writer.container is not None:
+            writer.container.close()
+        raise
+    return writer.close()
 
 
 def read_frames(src: Source) -> Iterator[np.ndarray]:
