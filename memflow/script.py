@@ -3,7 +3,9 @@
 A script is a list of segments (prompt + seconds). Seconds map to latent frames as
 seconds * fps / 4; a prompt switch takes effect at the first chunk that starts at
 or after its latent frame, and the total is rounded up to whole chunks
-(memflow-algorithm.md, section 5). Switch points belong to each script: scripts of
+(memflow-algorithm.md, section 5). As in the reference code, at most one switch
+happens per chunk: a segment shorter than a chunk still gets one, and the switches
+after it wait for the next chunk. Switch points belong to each script: scripts of
 different lengths and rhythms can share one replica.
 """
 from __future__ import annotations
@@ -169,17 +171,21 @@ class Plan:
         for seg in script.segments:
             total += seg.seconds
             bounds.append(round(total * script.fps / 4))  # latent frame where this segment ends
-        chunk_bounds = [0] + [math.ceil(b / fpc) for b in bounds]
+        n = math.ceil(bounds[-1] / fpc)  # the video, in whole chunks
+        chunk_bounds = [0]
+        for b in bounds[:-1]:  # at most one switch per chunk: a switch waits for the next free chunk
+            chunk_bounds.append(max(math.ceil(b / fpc), chunk_bounds[-1] + 1))
+        chunk_bounds.append(n)
         plans = []
         for i, seg in enumerate(script.segments):
             a, b = chunk_bounds[i], chunk_bounds[i + 1]
             if b <= a:
                 raise ValueError(
-                    f"segments[{i}].seconds: {seg.seconds} s is shorter than one chunk at this point "
-                    f"({fpc} latent frames = {fpc * 4 / script.fps:g} s); lengthen it or merge it with a neighbour")
+                    f"segments[{i}].seconds: no chunk is left for this segment ({len(script.segments)} segments "
+                    f"need at least {len(script.segments)} chunks of {fpc * 4 / script.fps:g} s; the video has {n}); "
+                    f"lengthen the video or merge short segments")
             fa, fb = a * fpc, b * fpc
             plans.append(SegmentPlan(i, seg.prompt, a, b, fa, fb, max(0, 4 * fa - 3), 4 * fb - 3))
-        n = chunk_bounds[-1]
         return cls(tuple(plans), n, n * fpc, fpc)
 
 

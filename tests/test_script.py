@@ -50,3 +50,15 @@ def test_ids_are_stable_and_safe():
         assert "/" not in vid and "\\" not in vid and not vid.startswith(".") and 0 < len(vid) <= 120
     assert parse_script({**s, "id": "../a"}).video_id != parse_script({**s, "id": "._a"}).video_id
     assert parse_script({**s, "id": "clean-id_1.v2"}).video_id == "clean-id_1.v2"
+
+
+def test_short_segments_get_a_chunk_each_as_in_the_reference():
+    """Switches at latent frames 24, 25, 26 (fps 4: one latent frame a second): the reference
+    switches at chunks 8, 9 and 10 (one switch per chunk, each at the first chunk at or after
+    its frame that no earlier switch took)."""
+    plan = parse_script({"fps": 4, "segments": [{"prompt": "a", "seconds": 24}, {"prompt": "b", "seconds": 1},
+                                                {"prompt": "c", "seconds": 1}, {"prompt": "d", "seconds": 25}]}).plan()
+    assert plan.switch_chunks == [8, 9, 10] and plan.num_chunks == 17
+    with pytest.raises(ScriptError, match=r"segments\[2\].seconds: no chunk is left"):
+        parse_script({"fps": 4, "segments": [{"prompt": "a", "seconds": 1}, {"prompt": "b", "seconds": 1},
+                                             {"prompt": "c", "seconds": 1}]})
