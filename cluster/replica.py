@@ -6,11 +6,22 @@ point before the record leaves no committed trace; a retry overwrites the orphan
 video. A retry of a script whose record already exists (the replica died after
 committing, before answering) returns that record instead of rendering again, so
 no script is committed twice.
+
+Replicas reach object storage with their node's own credentials (instance role,
+service account, secret env: see infra/), never with the driver's: nothing secret
+travels as an actor argument, which Ray may keep in its object store and spill to
+disk. Constructor arguments are plain values (shards are named, not handed over as
+actor handles), so a restart never depends on objects the driver owns.
+
+`status()` answers while a render runs (its own thread): the driver's stall
+watchdog reads `ticks`, which move with every chunk, encoded frame and stage.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -22,11 +33,14 @@ from ray.util import metrics
 from safetensors.torch import save
 
 from memflow.pipeline import MemFlowGenerator
-from memflow.script import Script
+from memflow.script import Script, content_hash
 from memflow.video import write_mp4
 
 from .memory_service import MemoryServiceClient
-from .storage import Storage, StorageEnv
+from .storage import Storage
+
+TMP_PREFIX = "memflow-replica-"  # + pid: a folder of a replica that is gone can be told apart
+HANG_ENV = "MEMFLOW_TEST_HANG"  # test-only fault injection, see _hang_for_tests
 
 
 @dataclass(frozen=True)
@@ -35,9 +49,8 @@ class ReplicaConfig:
     preset: str = "tiny"
     model: str | None = None
     memory: str = "nam+sma"
-    endpoint_url: str | None = None
+    endpoint_url: str | None = None  # the driver's resolved S3 endpoint (not a credential)
     device: str | None = None
-    storage_env: StorageEnv | None = None  # the driver's, applied before anything is read or written
     save_latents: bool = False  # latents/<id>.safetensors too (regression runs compare them)
     crf: int = 18  # H.264 quality; 0 is lossless, the only setting whose pixels are reproducible run to run
 
@@ -54,66 +67,128 @@ def latents_path(video_id: str) -> str:
     return f"latents/{video_id}.safetensors"
 
 
+class ReplicaStartError(RuntimeError):
+    """A replica could not start (no credentials on its node, weights missing, ...)."""
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"status": 1})
 class GeneratorReplica:
-    def __init__(self, config: ReplicaConfig, shards: list | None = None, index: int = 0):
+    def __init__(self, config: ReplicaConfig, shards: list[str] | None = None, index: int = 0):
         from memflow.config import get_preset
 
         t0 = time.perf_counter()
-        if config.storage_env is not None:
-            config.storage_env.apply()
         self.config, self.index = config, index
-        preset = get_preset(config.preset).with_memory(mode=config.memory)
-        self.generator = MemFlowGenerator.from_preset(preset, model=config.model, device=config.device)
-        self.storage = Storage(config.output, config.endpoint_url)
-        self.ranker = MemoryServiceClient(shards) if shards else None
-        self.load_seconds = time.perf_counter() - t0
-        self._status = {"replica": index, "video": None, "chunk": 0, "chunks": 0}
         self._lock = threading.Lock()
+        self._status = {"replica": index, "node": ray.get_runtime_context().get_node_id(), "video": None,
+                        "stage": "starting", "chunk": 0, "chunks": 0, "frames": 0, "ticks": 0,
+                        "slowest_chunk_s": 0.0}
+        clean_stale_tmp()
+        try:
+            self.storage = Storage(config.output, config.endpoint_url)
+            self.storage.exists("records")  # fail here, once, when this node cannot reach the output
+            preset = get_preset(config.preset).with_memory(mode=config.memory)
+            self.generator = MemFlowGenerator.from_preset(preset, model=config.model, device=config.device)
+            self.ranker = MemoryServiceClient([ray.get_actor(name) for name in shards]) if shards else None
+        except Exception as e:
+            raise ReplicaStartError(f"replica {index} could not start on {socket.gethostname()}: "
+                                    f"{type(e).__name__}: {e}") from e
+        self.load_seconds = time.perf_counter() - t0
         self._chunks = metrics.Counter("memflow_chunks_generated", "latent chunks generated", tag_keys=("replica",))
         self._chunk_s = metrics.Histogram("memflow_chunk_seconds", "seconds per chunk",
                                           boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10], tag_keys=("replica",))
+        self._update(stage="idle")
 
     @ray.method(concurrency_group="status")
     def status(self) -> dict:
-        """What this replica is rendering now (answers while a render runs)."""
+        """What this replica is doing now (answers while a render runs)."""
         with self._lock:
             return dict(self._status)
 
-    def _progress(self, video_id: str, event) -> None:
+    def _update(self, **changes) -> None:
+        """Change the status; every change is progress for the stall watchdog."""
+        with self._lock:
+            self._status.update(changes)
+            self._status["ticks"] += 1
+
+    def _progress(self, video_id: str, attempt: int, event) -> None:
         tags = {"replica": str(self.index)}
         self._chunks.inc(1, tags)
         self._chunk_s.observe(event.seconds, tags)
-        with self._lock:
-            self._status.update(video=video_id, chunk=event.chunk + 1, chunks=event.num_chunks)
+        self._update(chunk=event.chunk + 1, chunks=event.num_chunks,
+                     slowest_chunk_s=max(self._status["slowest_chunk_s"], event.seconds))
+        if event.chunk == 0:
+            _hang_for_tests(video_id, attempt)
+
+    def _counted(self, frames):
+        for n, frame in enumerate(frames, 1):
+            yield frame
+            self._update(frames=n)
 
     def render(self, script_json: dict, video_id: str, attempt: int) -> dict:
         """Render one script and commit it; returns its record."""
-        if self.storage.exists(record_path(video_id)):
-            return json.loads(self.storage.read_text(record_path(video_id)))
-        script = Script.model_validate(script_json)
-        t0 = time.perf_counter()
-        with self._lock:
-            self._status.update(video=video_id, chunk=0, chunks=script.plan().num_chunks)
+        self._update(video=video_id, stage="check", chunk=0, chunks=0, frames=0)
         try:
+            if self.storage.exists(record_path(video_id)):
+                return json.loads(self.storage.read_text(record_path(video_id)))
+            script = Script.model_validate(script_json)
+            t0 = time.perf_counter()
+            self._update(stage="generate", chunks=script.plan().num_chunks)
             gen = self.generator.generate(script, video_id=video_id, ranker=self.ranker,
-                                          on_chunk=lambda e: self._progress(video_id, e))
-            with tempfile.TemporaryDirectory(prefix="memflow-") as tmp:
+                                          on_chunk=lambda e: self._progress(video_id, attempt, e))
+            self._update(stage="encode")
+            with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
                 local = os.path.join(tmp, "video.mp4")
                 t1 = time.perf_counter()
-                frames = write_mp4(self.generator.frames(gen), local, fps=gen.fps, crf=self.config.crf)
+                frames = write_mp4(self._counted(self.generator.frames(gen)), local, fps=gen.fps,
+                                   crf=self.config.crf)
                 t2 = time.perf_counter()
+                self._update(stage="upload")
                 self.storage.upload_file(local, video_path(video_id))
                 if self.config.save_latents:
                     self.storage.write_bytes(latents_path(video_id), save({"latents": gen.latents.contiguous()}))
                 t3 = time.perf_counter()
             record = build_record(self, script, gen, video_id, frames, attempt,
                                   timings={"generate_s": t1 - t0, "decode_encode_s": t2 - t1, "upload_s": t3 - t2})
+            self._update(stage="commit")
             self.storage.write_json(record_path(video_id), record)  # the commit
             return record
         finally:
-            with self._lock:
-                self._status.update(video=None, chunk=0, chunks=0)
+            self._update(video=None, stage="idle", chunk=0, chunks=0, frames=0)
+
+
+def clean_stale_tmp(root: str | None = None) -> list[str]:
+    """Remove the temporary folders that replicas killed mid-encode left on this node (their
+    process is gone); folders of live processes are left alone. Returns what was removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(root):
+        m = re.fullmatch(re.escape(TMP_PREFIX) + r"(\d+)-.*", name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def _hang_for_tests(video_id: str, attempt: int) -> None:
+    """Test-only fault injection: with MEMFLOW_TEST_HANG="<video id>[:<attempts>],..." in a
+    replica's environment (a node's env, or a job's runtime_env), the render of that video
+    hangs after its first chunk, as on a stuck CUDA call, on every attempt or on the first
+    <attempts> ones. The tests and benchmarks/chaos.py use it to exercise the stall watchdog."""
+    for entry in filter(None, os.environ.get(HANG_ENV, "").split(",")):
+        vid, _, attempts = entry.partition(":")
+        if vid == video_id and (not attempts or attempt <= int(attempts)):
+            while True:
+                time.sleep(3600)
 
 
 def build_record(replica, script: Script, gen, video_id: str, frames: int, attempt: int, timings: dict) -> dict:
@@ -126,6 +201,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
         "video": video_path(video_id),
         "video_url": replica.storage.url_for(video_path(video_id)),
         "script": script.model_dump(mode="json"),
+        "script_sha256": content_hash(script),  # tells a re-used id from a repeat on resume
         "seed": script.seed,
         "fps": gen.fps,
         "width": width,
@@ -149,7 +225,12 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
     }
 
 
-def replica_options(gpus_available: bool) -> dict:
-    """One GPU per replica when the cluster has GPUs; one CPU otherwise."""
-    return {"num_gpus": 1, "num_cpus": 1} if gpus_available else {"num_gpus": 0, "num_cpus": 1}
+def replica_options(use_gpu: bool, resources: dict | None = None) -> dict:
+    """One GPU per replica, or one CPU; plus any custom resources (a node pool's marker, or
+    the stand-in for a GPU in tests). SPREAD: replicas go to different nodes where they can,
+    so one lost node takes few of them."""
+    options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_gpus": 0, "num_cpus": 1}
+    if resources:
+        options["resources"] = dict(resources)
+    return {**options, "scheduling_strategy": "SPREAD"}
 

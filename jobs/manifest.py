@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
 
 from cluster.storage import storage_options as fs_options
-from memflow.script import Script, ScriptError, parse_script
+from memflow.script import Limits, Script, ScriptError, parse_script
 
 MAX_LINE_BYTES = 1 << 20
 PREVIEW_CHARS = 200
@@ -54,16 +54,17 @@ class ManifestItem:
         return self.error is None
 
 
-def iter_manifest(url: str, storage_options: Optional[dict] = None, *,
-                  max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[ManifestItem]:
-    """Yield one ManifestItem per record of the manifest at `url`, in order."""
+def iter_manifest(url: str, storage_options: Optional[dict] = None, *, max_line_bytes: int = MAX_LINE_BYTES,
+                  limits: Optional[Limits] = None) -> Iterator[ManifestItem]:
+    """Yield one ManifestItem per record of the manifest at `url`, in order; scripts
+    outside `limits` (memflow.script.Limits) are bad records."""
     fs, path, compression = _open_args(url, storage_options)
     with fs.open(path, "rb", compression=compression) as f:
         fmt = _format(path, compression, f)
         if fmt == "parquet":
-            yield from _parquet_items(f)
+            yield from _parquet_items(f, limits)
         else:
-            yield from _line_items(f, fmt, max_line_bytes)
+            yield from _line_items(f, fmt, max_line_bytes, limits)
 
 
 def count_manifest(url: str, storage_options: Optional[dict] = None,
@@ -82,7 +83,7 @@ def count_manifest(url: str, storage_options: Optional[dict] = None,
 
 # -- line formats ---------------------------------------------------------------
 
-def _line_items(f: BinaryIO, fmt: str, max_line_bytes: int) -> Iterator[ManifestItem]:
+def _line_items(f: BinaryIO, fmt: str, max_line_bytes: int, limits: Optional[Limits]) -> Iterator[ManifestItem]:
     for n, data, head in _lines(f, max_line_bytes):
         if data is None:
             yield ManifestItem(n, None, f"line is longer than {max_line_bytes} bytes; skipped", _preview(head))
@@ -97,10 +98,10 @@ def _line_items(f: BinaryIO, fmt: str, max_line_bytes: int) -> Iterator[Manifest
         except UnicodeDecodeError as e:
             yield ManifestItem(n, None, f"not valid UTF-8 (byte {e.start})", _preview(data))
             continue
-        yield _item(n, text, fmt)
+        yield _item(n, text, fmt, limits)
 
 
-def _item(n: int, text: str, fmt: str) -> ManifestItem:
+def _item(n: int, text: str, fmt: str, limits: Optional[Limits]) -> ManifestItem:
     raw = _preview(text)
     if fmt == "txt":
         record: Any = {"prompts": [text.strip()]}
@@ -110,7 +111,7 @@ def _item(n: int, text: str, fmt: str) -> ManifestItem:
         except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             return ManifestItem(n, None, f"invalid JSON: {e}", raw)
     try:
-        return ManifestItem(n, parse_script(record), None, raw)
+        return ManifestItem(n, parse_script(record, limits), None, raw)
     except ScriptError as e:
         return ManifestItem(n, None, str(e), raw)
 
@@ -163,7 +164,7 @@ def _line_bytes(buf: bytearray, n: int) -> bytes:
 
 # -- Parquet --------------------------------------------------------------------
 
-def _parquet_items(f: BinaryIO) -> Iterator[ManifestItem]:
+def _parquet_items(f: BinaryIO, limits: Optional[Limits]) -> Iterator[ManifestItem]:
     pf = pq.ParquetFile(f)
     unknown = set(pf.schema_arrow.names) - SCRIPT_COLUMNS
     if unknown:
@@ -176,7 +177,7 @@ def _parquet_items(f: BinaryIO) -> Iterator[ManifestItem]:
             record = {k: v for k, v in row.items() if v is not None}  # nulls mean "default"
             raw = _preview(json.dumps(record, ensure_ascii=False, default=str))
             try:
-                yield ManifestItem(n, parse_script(record), None, raw)
+                yield ManifestItem(n, parse_script(record, limits), None, raw)
             except ScriptError as e:
                 yield ManifestItem(n, None, str(e), raw)
 

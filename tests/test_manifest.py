@@ -180,3 +180,29 @@ def test_line_splitting_across_chunk_boundaries(tmp_path, monkeypatch, chunk):
     assert [(i.line, i.ok) for i in items] == [(1, True), (3, True), (4, False), (5, True), (6, True), (7, True)]
     assert [i.script.segments[0].prompt for i in items if i.ok] == ["a", "bb bb", "ccc", "y" * 9, "d"]
     assert items[2].raw.startswith("x" * 10) and "longer than 10 bytes" in items[2].error
+
+
+def test_scripts_that_could_never_finish_are_bad_lines(put):
+    from memflow.config import PRESETS
+    from memflow.script import Limits
+
+    lines = [
+        b'{"prompts": ["a lighthouse at dusk"]}',                                 # 1
+        b'{"segments": [{"prompt": "a long night", "seconds": 1e9}]}',            # 2 hangs a replica for ever
+        b'{"prompts": ["a"], "resolution": [1180591620717411303424, 16]}',        # 3 2**70 rows
+        b'{"prompts": ["a fox \\ud83e in the snow"]}',                            # 4 lone surrogate
+        b'{"prompts": ["a"], "fps": "16"}',                                       # 5 no coercion
+        b'{"segments": [{"prompt": "a", "seconds": true}]}',                      # 6
+        b'{"prompts": ["a"], "fps": 90}',                                         # 7 above the job's fps
+        b'{"prompts": ["a"], "resolution": [64, 64], "fps": 8}',                  # 8
+    ]
+    url, opts = put("limits.jsonl", b"\n".join(lines) + b"\n")
+    items = {i.line: i for i in iter_manifest(url, opts, limits=Limits.for_preset(PRESETS["tiny"]))}
+    assert [n for n, i in items.items() if i.ok] == [1, 8]
+    expected = {2: "seconds: the segments add up to 1e+09 s", 3: "resolution: 1180591620717411303424x16",
+                4: "segments.0.prompt: prompt is not valid Unicode text", 5: "fps: Input should be a valid integer",
+                6: "segments.0.seconds: Input should be a valid number, got bool", 7: "fps: 90 is above"}
+    for n, text in expected.items():
+        assert text in items[n].error, (n, items[n].error)
+        (items[n].raw + items[n].error).encode("utf-8")  # safe to write to errors.jsonl
+    assert "\\ud83e" in items[4].raw
