@@ -12,7 +12,9 @@ Each replica is in one state:
 - `joining`: created, waiting for a node or loading weights (a probe call is out);
 - `up`: serving, may be given work;
 - `restarting`: its actor died (node lost, process killed, restarted by the stall
-  watchdog) and Ray is restarting it (max_restarts), possibly on another node;
+  watchdog) and Ray is restarting it (max_restarts), possibly on another node. It is
+  probed once all its calls have come back (failed): a probe sent earlier could be
+  answered by the dying process;
 - `gone`: dead for good (its constructor raised, or it was retired). A replica that
   died for good after having served is replaced, at most `max_starts` actors per
   slot; one whose constructor failed is not (the next would fail the same way).
@@ -24,11 +26,13 @@ would make the autoscaler add nodes for nothing), and idle replicas beyond
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class Replica:
     index: int
     actor: Any
     state: str = JOINING
-    probe: Any = None  # ref that resolves once the actor serves (joining, restarting)
+    probe: Any = None  # ref that resolves once the actor serves (joining, restarting once settled)
     load: int = 0  # calls submitted and not yet answered
     inflight: list = field(default_factory=list)  # their refs, oldest first (Ray runs them in order)
     starts: int = 1  # actors created for this slot
@@ -75,7 +79,7 @@ class ReplicaPool:
         return [r for r in self.replicas if r.state == UP]
 
     def probes(self) -> dict:
-        return {r.probe: r for r in self.replicas if r.state in (JOINING, RESTARTING)}
+        return {r.probe: r for r in self.replicas if r.probe is not None}
 
     def alive(self) -> bool:
         return any(r.state != GONE for r in self.replicas)
@@ -96,22 +100,25 @@ class ReplicaPool:
         except ray.exceptions.RayError as err:
             self._dead(replica, err)
             return
-        replica.state, replica.probe, replica.served = UP, None, True
+        replica.state, replica.probe, replica.served, replica.kill_reason = UP, None, True, None
 
-    def lost(self, replica: Replica, err: Exception) -> bool:
+    def lost(self, replica: Replica, err: Exception, oldest) -> None:
         """A call failed. An actor error means the actor died (Ray restarts it): it gets
-        no work until its probe answers. Returns True if this is news (first call of
-        the death to come back)."""
-        if replica.state != UP or not isinstance(err, ray.exceptions.RayActorError):
-            return False
-        replica.state = RESTARTING
-        self._join(replica)
-        return True
+        no work until its probe answers. The first of its calls to come back from the
+        death names the victim: `oldest`, the call it was running."""
+        if replica.state == UP and isinstance(err, ray.exceptions.RayActorError):
+            replica.state, replica.victim = RESTARTING, oldest
 
     def restart(self, replica: Replica, reason: str) -> None:
-        """Kill a replica that hangs; Ray restarts it and its calls fail (to be retried)."""
-        replica.kill_reason = reason
+        """Kill a replica that hangs; Ray restarts it and its calls fail (to be retried),
+        the one it hangs on with `reason`."""
+        replica.state, replica.victim, replica.kill_reason = RESTARTING, replica.inflight[0], reason
         ray.kill(replica.actor, no_restart=False)
+
+    def settled(self, replica: Replica) -> None:
+        """One of its calls came back; once a restarting replica has none left, probe it."""
+        if replica.state == RESTARTING and replica.probe is None and replica.load == 0:
+            self._join(replica)
 
     def retire_unneeded(self) -> None:
         """No work is left to hand out: cancel replicas still waiting for a node, and
@@ -144,14 +151,33 @@ class ReplicaPool:
         replica.error = None  # not a failure
 
 
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where the cluster launcher puts its config, on the head
+
+
 def capacity(resource: str) -> int:
     """How many units of `resource` the cluster has, or can have: what its nodes hold
-    now, or what the autoscaler may add (its node types x their max counts), whichever
-    is more. An autoscaling cluster whose GPU workers start at zero has 0 GPUs now and
-    a positive capacity."""
-    now = int(ray.cluster_resources().get(resource, 0))
-    try:  # the autoscaler's published config (what Ray Train and Ray Data read too)
-        grow = (ray._private.state.state.get_max_resources_from_cluster_config() or {}).get(resource, 0)
-    except Exception:  # no autoscaler, or an older Ray: no config to read
-        grow = 0
-    return max(now, min(int(grow or 0), 1 << 20))
+    now, or what its autoscaler may add, whichever is more. An autoscaling cluster whose
+    GPU workers start at zero has 0 GPUs now and a positive capacity."""
+    return max(int(ray.cluster_resources().get(resource, 0)), _autoscaler_max(resource))
+
+
+def _autoscaler_max(resource: str) -> int:
+    """The autoscaler's ceiling for `resource`: from the config it publishes to the GCS
+    (what Ray Train and Ray Data read; newer autoscalers publish it), else from the cluster
+    launcher's config on the head node, where `ray job submit` runs the driver. 0 if
+    neither is there (a fixed cluster, or an autoscaler that publishes nothing)."""
+    try:
+        published = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # an older or newer Ray without it
+        published = {}
+    if published.get(resource):
+        return int(min(published[resource], 1 << 20))
+    try:
+        with open(os.path.expanduser(BOOTSTRAP_CONFIG)) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return 0
+    types = [t for t in (config.get("available_node_types") or {}).values() if isinstance(t, dict)]
+    per_node = [(t.get("resources") or {}).get(resource, 0) for t in types]
+    total = sum(n * t.get("max_workers", config.get("max_workers", 0)) for n, t in zip(per_node, types))
+    return int(min(total, config.get("max_workers", total) * max(per_node, default=0)))

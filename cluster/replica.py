@@ -14,7 +14,8 @@ disk. Constructor arguments are plain values (shards are named, not handed over 
 actor handles), so a restart never depends on objects the driver owns.
 
 `status()` answers while a render runs (its own thread): the driver's stall
-watchdog reads `ticks`, which move with every chunk, encoded frame and stage.
+watchdog reads `ticks`, which move with every chunk, encoded frame and stage, and
+with every storage retry (a replica waiting out a storage outage is not hung).
 """
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ class GeneratorReplica:
         self._lock = threading.Lock()
         self._status = {"replica": index, "node": ray.get_runtime_context().get_node_id(), "video": None,
                         "stage": "starting", "chunk": 0, "chunks": 0, "frames": 0, "ticks": 0,
-                        "slowest_chunk_s": 0.0}
+                        "slowest_chunk_s": 0.0, "storage_retries": 0}
         clean_stale_tmp()
         try:
             self.storage = Storage(config.output, config.endpoint_url)
+            self.storage.on_retry = lambda: self._update(storage_retries=self._status["storage_retries"] + 1)
             self.storage.exists("records")  # fail here, once, when this node cannot reach the output
             preset = get_preset(config.preset).with_memory(mode=config.memory)
             self.generator = MemFlowGenerator.from_preset(preset, model=config.model, device=config.device)

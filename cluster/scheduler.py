@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import ray
 
-from .pool import Replica, ReplicaPool
+from .pool import UP, Replica, ReplicaPool
 from .watchdog import StallWatchdog
 
 
@@ -143,10 +143,9 @@ class Scheduler:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as err:
-            if self.pool.lost(replica, err):  # the first call of this death to come back
-                replica.victim = oldest  # the call it was running; the others were queued behind it
-                if self.watchdog is not None:
-                    self.watchdog.forget(replica)
+            self.pool.lost(replica, err, oldest)
+            if self.watchdog is not None and replica.state != UP:
+                self.watchdog.forget(replica)
             if not isinstance(err, ray.exceptions.RayActorError):
                 task.errors.append(_reason(err))
             elif ref == replica.victim:
@@ -154,11 +153,13 @@ class Scheduler:
                 replica.kill_reason = None
             else:
                 task.attempts -= 1  # it never started: no attempt used
+            self.pool.settled(replica)
             if task.attempts < self.max_attempts:
                 retry.append(task)
             else:
                 yield task, None
             return
+        self.pool.settled(replica)
         if self.watchdog is not None:
             self.watchdog.progressed(replica)
         yield task, result

@@ -102,6 +102,7 @@ class Storage:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.on_retry: Callable[[], Any] | None = None  # told of each retry: waiting on storage is not a hang
 
     def __repr__(self) -> str:
         endpoint = self._options.get("endpoint_url")
@@ -228,22 +229,30 @@ class Storage:
             raise
 
     def _retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call fn, retrying transient errors with capped exponential backoff and jitter
-        (with the default 10 retries: 1 to 2.5 minutes in all before the error is raised)."""
-        attempt = 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except _PERMANENT:
+        return call_with_retries(fn, *args, retries=self.retries, backoff_s=self.backoff_s, on_retry=self.on_retry,
+                                 **kwargs)
+
+
+def call_with_retries(fn: Callable[..., T], *args: Any, retries: int = 10, backoff_s: float = 0.5,
+                      on_retry: Callable[[], Any] | None = None, **kwargs: Any) -> T:
+    """Call fn, retrying transient errors with capped exponential backoff and jitter
+    (with the default 10 retries: 1 to 2.5 minutes in all before the error is raised)."""
+    attempt = 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except _PERMANENT:
+            raise
+        except _TRANSIENT as e:
+            if attempt >= retries:
                 raise
-            except _TRANSIENT as e:
-                if attempt >= self.retries:
-                    raise
-                delay = min(self.backoff_s * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
-                attempt += 1
-                log.warning("storage %s failed (%s: %s); retry %d/%d in %.1fs", getattr(fn, "__name__", "op"),
-                            type(e).__name__, e, attempt, self.retries, delay)
-                time.sleep(delay)
+            delay = min(backoff_s * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
+            attempt += 1
+            log.warning("storage %s failed (%s: %s); retry %d/%d in %.1fs", getattr(fn, "__name__", "op"),
+                        type(e).__name__, e, attempt, retries, delay)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay)
 
 
 def _rebuild(url: str, options: dict, retries: int, backoff_s: float) -> Storage:

@@ -227,16 +227,19 @@ def replica_config(args: argparse.Namespace, use_gpu: bool) -> ReplicaConfig:
 class SeenIds:
     """The video ids handed out this run, with the manifest line and content hash of
     each: a later line with the same id is a repeat (skipped) or a clash (reported).
-    About 100 bytes an id: 100 MB for a manifest of a million scripts."""
+    One int per id (line << 64 | 64 bits of the hash): about 150 bytes an id with its
+    key, 150 MB for a manifest of a million scripts."""
 
     def __init__(self):
-        self.ids: dict[str, tuple[int, int]] = {}
+        self.ids: dict[str, int] = {}
 
     def first(self, video_id: str, line: int, digest: str) -> tuple[int, bool] | None:
         """None if the id is new (it is remembered); else (its first line, same content?)."""
         key = int(digest[:16], 16)
-        seen = self.ids.setdefault(video_id, (line, key))
-        return None if seen == (line, key) else (seen[0], seen[1] == key)
+        seen = self.ids.setdefault(video_id, line << 64 | key)
+        if seen == line << 64 | key:
+            return None
+        return seen >> 64, seen & (1 << 64) - 1 == key
 
 
 def committed_digest(storage: Storage, video_id: str) -> str | None:
@@ -258,11 +261,13 @@ class BatchJob:
         self.storage: Storage | None = None
         self.errors = ErrorLog()
         self.progress: Progress | None = None
+        self.dataset_rows: int | None = None  # rows compacted at the end, when the run gets there
         self.config: dict = {"preset": args.preset, "memory": args.memory, "model": args.model or "random",
                              "in_flight": args.in_flight, "max_attempts": args.max_attempts, "crf": args.crf}
         self.pool: ReplicaPool | None = None
         self.owned: list = []  # memory shards this run starts, and kills when it ends
         self.own_replicas = True
+        self.stop_on_sigterm = False  # main(): `ray job stop` ends the run like any other failure
 
     def execute(self, replicas: list | None = None) -> None:
         """Run the job; `replicas` (actor handles with `render` and `status`) replace the
@@ -277,6 +282,8 @@ class BatchJob:
                                  "max_fps": limits.max_fps}
         self.progress = Progress(total)
         init_ray(args.address)
+        if self.stop_on_sigterm:  # after ray.init, whose own handler would abort the process at exit
+            signal.signal(signal.SIGTERM, _stop)
         tasks = self._tasks(iter_manifest(args.scripts, scripts_options, limits=limits))
         first = next(tasks, None)  # nothing to render (a finished run resumed): no replica, no GPU node
         if first is not None:
@@ -370,7 +377,7 @@ class BatchJob:
             "committed": committed, "skipped_already_committed": p.skipped if p else 0,
             "skipped_repeated_lines": p.repeats if p else 0, "failed": p.failed if p else 0,
             "rejected_input": self.errors.count - (p.failed if p else 0),
-            "dataset_rows": getattr(self, "dataset_rows", None), "frames": frames, "wall_seconds": wall,
+            "dataset_rows": self.dataset_rows, "frames": frames, "wall_seconds": wall,
             "fps": frames / max(wall, 1e-9), "videos_per_hour": committed / max(wall / 3600, 1e-9),
             "replicas_served": served, "config": self.config,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
@@ -439,9 +446,11 @@ def explain(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}: {text} (traceback above); re-run the same command to resume"
 
 
-def run(args: argparse.Namespace, replicas: list | None = None) -> int:
-    """Run a batch job and return its exit status; see BatchJob.execute for `replicas`."""
+def run(args: argparse.Namespace, replicas: list | None = None, stop_on_sigterm: bool = False) -> int:
+    """Run a batch job and return its exit status; see BatchJob.execute for `replicas`.
+    `stop_on_sigterm` (main thread only): SIGTERM ends the run with exit 2 and a summary."""
     job = BatchJob(args)
+    job.stop_on_sigterm = stop_on_sigterm
     try:
         job.execute(replicas)
     except BaseException as e:  # every ending reports: exit 2, one line, summary.json
@@ -463,9 +472,9 @@ def _stop(signum, frame):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _stop)  # `ray job stop`: end with a summary like any other failure
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        return run(args)
+        return run(args, stop_on_sigterm=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -201,8 +201,13 @@ class LocalCluster:
     RESOURCE = "fake_gpu"
 
     def __init__(self, head_cpus: int = 2):
+        from ray._private import ray_constants
         from ray.cluster_utils import Cluster
 
+        # This process starts the nodes and drives them: it keeps to 127.0.0.1 too (Ray read
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported, so set what it derived).
+        self._cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: unix socket paths
         (self.temp_dir / "ray").mkdir()
         # RAY_TMPDIR: the cluster's address file goes here, not to the shared /tmp/ray.
@@ -237,6 +242,9 @@ class LocalCluster:
         psutil.wait_procs(workers, timeout=10)
 
     def shutdown(self) -> None:
+        from ray._private import ray_constants
+
         with _environ(self.env):
             self.cluster.shutdown()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        ray_constants.ENABLE_RAY_CLUSTER = self._cluster_flag

@@ -199,6 +199,9 @@ def test_jobs_cli_end_to_end_with_bad_lines(ray_head, tmp_path):
     info = JobSubmissionClient(ray_head.dashboard_url).get_job_info(sub_id)
     assert info.driver_exit_code == batch.EXIT_PARTIAL, logs
     assert "partial success: 4 committed, 0 already done, 0 failed, 4 rejected input line(s)" in logs
+    # replicas are built from plain values (shards by name), so Ray has no reason to warn that
+    # a restart could fail for lack of constructor arguments held in the object store
+    assert "constructor arguments in the object store" not in logs
 
     out = Outputs(out_dir)
     scripts = by_id(GOOD)
@@ -352,6 +355,33 @@ def test_rerun_after_an_interrupted_run_renders_only_what_is_missing(ray_head, t
     assert (summary["skipped_already_committed"], summary["committed"]) == (len(first), len(scripts) - len(first))
     for name, data in first.items():  # committed records were not rendered or written again
         assert (out_dir / "records" / name).read_bytes() == data
+
+
+def test_a_stopped_driver_ends_with_exit_2_and_a_summary_of_what_it_did(ray_head, tmp_path):
+    """SIGTERM (what `ray job stop` sends) mid-run: the driver releases its actors, writes
+    summary.json with what was committed, says so in one line and exits 2."""
+    scripts = long_scripts("stop", 4)
+    manifest = write_manifest(tmp_path / "scripts.jsonl", scripts)
+    out_dir = tmp_path / "out"
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
+    driver = subprocess.Popen([sys.executable, "jobs/batch.py", "--scripts", str(manifest), "--output", str(out_dir),
+                               "--replicas", "1", "--in-flight", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not list((out_dir / "records").glob("*.json")):
+            assert driver.poll() is None, "the driver ended before it was stopped"
+            time.sleep(0.05)
+        driver.terminate()
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == batch.EXIT_FAILED, stderr[-5000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("failure: stopped by a signal; re-run the same command to resume (summary: ")
+    summary = Outputs(out_dir).summary()
+    committed = len(list((out_dir / "records").glob("*.json")))
+    assert (summary["status"], summary["exit_status"]) == ("failure", 2) and summary["committed"] <= committed
 
 
 # -- the memory bank service -------------------------------------------------------------

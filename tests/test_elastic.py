@@ -13,7 +13,7 @@ import ray
 from jobs import batch
 
 from .ray_cluster import LocalCluster, node_credentials
-from .test_batch_job import Driver, Outputs, by_id, check_committed, long_scripts, wait_for
+from .test_batch_job import REPO, Driver, Outputs, by_id, check_committed, long_scripts, wait_for
 
 GPU = json.dumps({LocalCluster.RESOURCE: 1})
 
@@ -127,3 +127,21 @@ def test_replicas_use_their_nodes_credentials_not_the_drivers(ray_cluster, s3_se
     summary = Outputs(s3=(boto3.client("s3", endpoint_url=s3_server), s3_bucket, prefix)).summary()
     assert summary["exit_status"] == 2 and "NoCredentialsError" in summary["error"]
     assert summary["committed"] == 0 and summary["replicas_served"] == 0
+
+
+def test_auto_device_reads_the_cluster_launchers_config_on_the_head(ray_client, tmp_path, monkeypatch):
+    """On a head started by `ray up infra/cluster.yaml` the launcher leaves its config in
+    ~/ray_bootstrap_config.yaml: its GPU workers (0 now, up to 8) count as capacity."""
+    import shutil
+
+    from cluster.pool import capacity
+
+    assert capacity("GPU") == 0
+    shutil.copy(REPO / "infra" / "cluster.yaml", tmp_path / "ray_bootstrap_config.yaml")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert capacity("GPU") == 8
+    args = batch.parse_args(["--device", "auto"])
+    assert batch.plan_replicas(args, scripts=100) == (True, 1, 8)
+    assert batch.plan_replicas(args, scripts=3) == (True, 1, 3), "no more replicas than scripts"
+    assert batch.plan_replicas(batch.parse_args(["--min-replicas", "2", "--max-replicas", "5"]), 100) == (True, 2, 5)
+    assert batch.plan_replicas(batch.parse_args(["--device", "cpu"]), 100) == (False, 1, 1)

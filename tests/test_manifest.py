@@ -206,3 +206,40 @@ def test_scripts_that_could_never_finish_are_bad_lines(put):
         assert text in items[n].error, (n, items[n].error)
         (items[n].raw + items[n].error).encode("utf-8")  # safe to write to errors.jsonl
     assert "\\ud83e" in items[4].raw
+
+
+def test_a_storage_outage_mid_manifest_is_ridden_out(s3_server):  # s3_server: its dummy credentials
+    """The S3 server goes away while the manifest is being read (small blocks: a request
+    per 64 KiB read) and comes back 25 s later, longer than botocore's own retries last:
+    every line is read, once, in order."""
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    lines = [{"id": f"o{i}", "prompts": [f"scene {i} " + "x" * 80]} for i in range(3000)]  # 64 KiB reads: 6
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket="outage", Key="m.jsonl", Body=_jsonl(lines))
+    restarted = []
+
+    def restart():
+        time.sleep(25)
+        again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # its data lives on
+        again.start()
+        restarted.append(again)
+
+    try:
+        items = iter_manifest("s3://outage/m.jsonl", {"endpoint_url": endpoint, "default_block_size": 1024})
+        got = [next(items) for _ in range(50)]
+        server.stop()
+        threading.Thread(target=restart, daemon=True).start()
+        got += list(items)
+    finally:
+        for s in restarted or [server]:
+            s.stop()
+    assert restarted, "the read went on only after the server was back"
+    assert [i.script.video_id for i in got] == [f"o{i}" for i in range(3000)] and all(i.ok for i in got)
