@@ -57,13 +57,14 @@ class Manifest:
     repeats: int = 0
 
 
-def build_manifest(n_good: int, n_bad: int, rng: random.Random) -> Manifest:
-    """Good scripts (short: a second or two of CPU each) with hostile lines in between."""
+def build_manifest(n_good: int, n_bad: int, rng: random.Random, seconds: tuple[float, float] = (1, 2)) -> Manifest:
+    """Good scripts of one or two segments of `seconds` (tiny preset: about a second of CPU
+    per second of video) with hostile lines in between."""
     from memflow.script import parse_script
 
     goods = []
     for i in range(n_good):
-        segments = [{"prompt": f"chaos scene {i}, shot {j}", "seconds": rng.choice([1.0, 1.5, 2.0])}
+        segments = [{"prompt": f"chaos scene {i}, shot {j}", "seconds": round(rng.uniform(*seconds) * 2) / 2}
                     for j in range(rng.choice([1, 2]))]
         goods.append({"id": f"c{i:04d}", "seed": i, "segments": segments} if i % 5 else
                      {"seed": i, "segments": segments})  # every fifth without id: named by content
@@ -258,7 +259,8 @@ def check(s3_client, prefix: str, manifest: Manifest, hang_always: set[str], fin
 
 
 def run(n_good: int = 300, n_bad: int = 150, n_nodes: int = 3, chaos_s: float = 600, seed: int = 1,
-        gap_s: tuple[float, float] = (8, 20), workdir: Path | None = None, timeout_s: float = 3600) -> dict:
+        gap_s: tuple[float, float] = (8, 20), workdir: Path | None = None, timeout_s: float = 3600,
+        segment_s: tuple[float, float] = (1, 2)) -> dict:
     import boto3
     import ray
 
@@ -270,7 +272,7 @@ def run(n_good: int = 300, n_bad: int = 150, n_nodes: int = 3, chaos_s: float = 
     creds = {"AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
              "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
     os.environ.update(creds)
-    manifest = build_manifest(n_good, n_bad, rng)
+    manifest = build_manifest(n_good, n_bad, rng, segment_s)
     goods = sorted(manifest.good)
     hang_once = set(rng.sample(goods, min(3, len(goods))))
     hang_always = {rng.choice(sorted(set(goods) - hang_once))}
@@ -332,9 +334,13 @@ def main() -> None:
     ap.add_argument("--chaos-seconds", type=float, default=600, help="how long faults are injected")
     ap.add_argument("--gap", type=float, nargs=2, default=(8, 20), metavar=("MIN", "MAX"),
                     help="seconds between faults (uniform)")
+    ap.add_argument("--segment-seconds", type=float, nargs=2, default=(1, 2), metavar=("MIN", "MAX"),
+                    help="length of each of a script's one or two segments (uniform, in half seconds)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds the whole run may take")
     args = ap.parse_args()
-    report = run(args.scripts, args.bad, args.nodes, args.chaos_seconds, args.seed, tuple(args.gap))
+    report = run(args.scripts, args.bad, args.nodes, args.chaos_seconds, args.seed, tuple(args.gap),
+                 timeout_s=args.timeout, segment_s=tuple(args.segment_seconds))
     s = report["summary"]
     print(f"chaos run (seed {args.seed}): {report['good']} good scripts, {report['bad_lines']} bad lines, "
           f"{report['repeats']} exact repeats, on {args.nodes} fake-GPU nodes")
