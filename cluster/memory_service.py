@@ -57,7 +57,8 @@ class MemoryShard:
         return self.ranker.release(video)
 
     def stats(self) -> dict:
-        return {"shard": self.index, "videos": len(self.ranker.videos), "bytes": self.ranker.nbytes()}
+        return {"shard": self.index, "videos": len(self.ranker.videos), "bytes": self.ranker.nbytes(),
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 def shard_for(video: str, shards: int) -> int:
@@ -94,5 +95,12 @@ class MemoryServiceClient:
         return ray.get(self._shard(video).release.remote(video))
 
 
+def shard_names(count: int, name_prefix: str) -> list[str]:
+    """Replicas find the shards by these names (ray.get_actor), not through handles passed in."""
+    return [f"{name_prefix}-{i}" for i in range(count)]
+
+
 def start_shards(count: int, name_prefix: str) -> list:
-    return [MemoryShard.options(name=f"{name_prefix}-{i}").remote(i) for i in range(count)]
+    """SPREAD: shards on different nodes, so that a lost node takes few videos' state with it."""
+    return [MemoryShard.options(name=name, scheduling_strategy="SPREAD").remote(i)
+            for i, name in enumerate(shard_names(count, name_prefix))]

@@ -1,20 +1,32 @@
-"""Bounded in-flight scheduling of scripts over replicas, with capped retries.
+"""Bounded in-flight scheduling of scripts over an elastic pool of replicas, with capped retries.
 
 At most `per_replica` calls wait on each replica (one rendering, the next queued in
 its mailbox so the GPU never idles between scripts); the source is pulled only
-when a slot frees, so a manifest of millions is never held in memory. The loop
-blocks in `ray.wait`: no polling, no sleeps. A failed call (replica died, memory
-shard lost the video's state, any error) is retried on another replica when one
-has room, up to `max_attempts` in all; a replica that died waits out its restart
-(Ray restarts it) before it gets work again.
+when a replica has room, so a manifest of millions is never held in memory. The
+loop blocks in one `ray.wait` over the calls, the probes of replicas joining or
+restarting (cluster/pool.py) and the stall watchdog's status polls
+(cluster/watchdog.py), with a timeout for the next poll: no sleeps.
+
+A failed call is retried on another replica when one has room, up to
+`max_attempts` in all. When a replica dies, only the call it was running (its
+oldest) uses up an attempt: the ones queued behind it never started. Scripts out
+of attempts come back with their reasons. When work waits and no replica can
+ever take it (every one failed to start, or none came up within
+`start_timeout_s`), the scripts waiting for a retry come back failed and
+`NoReplica` ends the run: the rest of the source is left untouched for a re-run,
+rather than reported a million times over.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import ray
+
+from .pool import UP, Replica, ReplicaPool
+from .watchdog import StallWatchdog
 
 
 @dataclass
@@ -27,6 +39,10 @@ class Task:
     errors: list = field(default_factory=list)
 
 
+class NoReplica(RuntimeError):
+    """Work is waiting and no replica is up or can come up: the run cannot go on."""
+
+
 def _reason(err: Exception) -> str:
     cause = getattr(err, "cause", None)
     if cause is not None:
@@ -35,86 +51,115 @@ def _reason(err: Exception) -> str:
 
 
 class Scheduler:
-    """`call(replica, task)` submits a task; `probe(replica)` returns a ref that resolves
-    once a replica Ray is restarting serves again (it fails if the replica is gone for
-    good). A replica whose call failed with an actor error gets no work until then:
-    otherwise every retry would hit it while it restarts and use up its attempts at once."""
+    """`call(actor, task)` submits a task to a replica actor and returns its ref."""
 
-    def __init__(self, replicas: list, call: Callable, probe: Callable | None = None,
-                 per_replica: int = 2, max_attempts: int = 3):
-        self.replicas = replicas
-        self.call = call
-        self.probe = probe
-        self.per_replica = per_replica
-        self.max_attempts = max_attempts
-        self.load = [0] * len(replicas)
-        self.up = [True] * len(replicas)
-        self.probes: dict = {}  # probe ref -> replica index, for replicas being restarted
+    def __init__(self, pool: ReplicaPool, call: Callable, per_replica: int = 2, max_attempts: int = 3,
+                 watchdog: StallWatchdog | None = None, start_timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.pool, self.call = pool, call
+        self.per_replica, self.max_attempts = per_replica, max_attempts
+        self.watchdog, self.start_timeout_s, self.clock = watchdog, start_timeout_s, clock
+        self.pending: dict = {}  # call ref -> (task, replica)
 
-    def _pick(self, task: Task) -> int | None:
-        free = [i for i, n in enumerate(self.load) if n < self.per_replica and self.up[i]]
-        if not free:
-            return None
+    def _free(self) -> list[Replica]:
+        return [r for r in self.pool.up() if r.load < self.per_replica]
+
+    def _submit(self, task: Task, free: list[Replica]) -> None:
         # another replica than the ones that failed this task, then the least loaded
-        return min(free, key=lambda i: (i in task.tried, self.load[i], i))
-
-    def _failed(self, slot: int, err: Exception) -> None:
-        if self.probe is not None and self.up[slot] and isinstance(err, ray.exceptions.RayActorError):
-            self.up[slot] = False
-            self.probes[self.probe(self.replicas[slot])] = slot
+        replica = min(free, key=lambda r: (r.index in task.tried, r.load, r.index))
+        task.attempts += 1
+        task.tried.add(replica.index)
+        ref = self.call(replica.actor, task)
+        self.pending[ref] = (task, replica)
+        if replica.load == 0 and self.watchdog is not None:
+            self.watchdog.progressed(replica)  # its stall clock starts with the work
+        replica.load += 1
+        replica.inflight.append(ref)
 
     def run(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, object | None]]:
-        """Yields (task, result) for successes and (task, None) for tasks out of attempts
-        or left without any live replica (their reasons in task.errors)."""
-        pending: dict = {}
+        """Yields (task, result) for successes and (task, None) for tasks that could not
+        be rendered (their reasons in task.errors); raises NoReplica (see above)."""
         retry: deque[Task] = deque()
         exhausted = False
+        starved_since = None  # since when work has waited with no replica up
         while True:
-            while True:
-                if not retry and exhausted:
-                    break
-                task = retry[0] if retry else next(tasks, None)
+            while (retry or not exhausted) and (free := self._free()):
+                task = retry.popleft() if retry else next(tasks, None)
                 if task is None:
                     exhausted = True
                     break
-                slot = self._pick(task)
-                if slot is None:
-                    if not retry:
-                        retry.append(task)  # pulled from the source: keep it for the next free slot
-                    break
-                if retry:
-                    retry.popleft()
-                task.attempts += 1
-                task.tried.add(slot)
-                pending[self.call(self.replicas[slot], task)] = (task, slot)
-                self.load[slot] += 1
-            if not pending and not self.probes:
-                if not retry and exhausted:
+                self._submit(task, free)
+            waiting = bool(retry) or not exhausted
+            if not waiting:
+                if not self.pending:
                     return
-                # Every replica is gone for good: fail what is left rather than lose it.
-                for task in [*retry, *tasks]:
-                    task.errors.append("no live replica left to render it")
+                self.pool.retire_unneeded()
+            starved_since = (starved_since or self.clock()) if waiting and not self.pool.up() else None
+            reason = self._hopeless(starved_since)
+            if reason is not None:
+                for task in retry:
+                    task.errors.append(reason)
                     yield task, None
-                return
-            [ref], _ = ray.wait([*pending, *self.probes], num_returns=1)
-            if ref in self.probes:
-                slot = self.probes.pop(ref)
-                try:
-                    ray.get(ref)
-                    self.up[slot] = True
-                except ray.exceptions.RayError:
-                    pass  # gone for good: it stays out
-                continue
-            task, slot = pending.pop(ref)
-            self.load[slot] -= 1
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as err:
-                task.errors.append(_reason(err))
-                self._failed(slot, err)
-                if task.attempts < self.max_attempts:
-                    retry.append(task)
+                raise NoReplica(reason)
+
+            probes = self.pool.probes()
+            polls = self.watchdog.polls if self.watchdog is not None else {}
+            refs = [*self.pending, *probes, *polls]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=self._timeout(starved_since))
+            for ref in ready:
+                if ref in self.pending:
+                    yield from self._finished(ref, retry)
+                elif ref in probes:
+                    self.pool.on_probe(probes[ref])
                 else:
-                    yield task, None
-                continue
-            yield task, result
+                    self.watchdog.on_status(ref)
+            if self.watchdog is not None:
+                for replica, why in self.watchdog.check([r for r in self.pool.up() if r.load]):
+                    self.pool.restart(replica, why)
+
+    def _hopeless(self, starved_since: float | None) -> str | None:
+        """Why the waiting work can never be rendered, if it cannot."""
+        if starved_since is None:
+            return None
+        if not self.pool.alive():
+            return self.pool.why_none()
+        if self.start_timeout_s is not None and self.clock() - starved_since > self.start_timeout_s:
+            return f"{self.pool.why_none()} within {self.start_timeout_s:.0f} s"
+        return None
+
+    def _timeout(self, starved_since: float | None) -> float | None:
+        timeouts = []
+        if self.watchdog is not None and any(r.load for r in self.pool.up()):
+            timeouts.append(self.watchdog.wait_s())
+        if starved_since is not None and self.start_timeout_s is not None:
+            timeouts.append(max(0.0, starved_since + self.start_timeout_s - self.clock()) + 0.01)
+        return min(timeouts) if timeouts else None
+
+    def _finished(self, ref, retry: deque) -> Iterator[tuple[Task, object | None]]:
+        task, replica = self.pending.pop(ref)
+        oldest = replica.inflight[0]
+        replica.inflight.remove(ref)
+        replica.load -= 1
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            self.pool.lost(replica, err, oldest)
+            if self.watchdog is not None and replica.state != UP:
+                self.watchdog.forget(replica)
+            if not isinstance(err, ray.exceptions.RayActorError):
+                task.errors.append(_reason(err))
+            elif ref == replica.victim:
+                task.errors.append(replica.kill_reason or _reason(err))
+                replica.kill_reason = None
+            else:
+                task.attempts -= 1  # it never started: no attempt used
+            self.pool.settled(replica)
+            if task.attempts < self.max_attempts:
+                retry.append(task)
+            else:
+                yield task, None
+            return
+        self.pool.settled(replica)
+        if self.watchdog is not None:
+            self.watchdog.progressed(replica)
+        yield task, result

@@ -8,9 +8,14 @@ same way (system-design.md, "Output layout"):
 - writes are atomic where the backend allows, because a record's existence is
   the commit marker: local files go to a temporary name and `os.replace`, object
   stores get one PUT (or one completed multipart upload) per object;
-- transient errors are retried a bounded number of times with backoff;
-- credentials come only from the environment or the cloud credential chain,
-  never through arguments, so they cannot end up in a repr, a log or a pickle.
+- transient errors are retried a bounded number of times with backoff, long
+  enough (minutes) to ride out a storage outage rather than fail the work;
+- files land with the permissions of a normal file (0644 under the usual umask),
+  not the 0600 of a temporary file: a dataset is read by a team;
+- credentials come only from the environment or the cloud credential chain of
+  the process that uses them (the driver's own, each node's own for its replicas),
+  never through arguments, so they cannot end up in a repr, a log, a pickle or
+  Ray's object store.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ T = TypeVar("T")
 
 S3_PROTOCOLS = ("s3", "s3a")
 S3_ENDPOINT_ENV = ("MEMFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-# The environment a process needs to reach object storage as the driver does (see StorageEnv).
+# The environment through which a process reaches object storage (endpoint and credentials).
 STORAGE_ENV = S3_ENDPOINT_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                                  "AWS_REGION", "AWS_DEFAULT_REGION")
 # Options that would carry a secret; refused so that secrets only live in the env/chain.
@@ -49,9 +54,9 @@ _TRANSIENT = (OSError, BotoConnectionError, ReadTimeoutError)
 
 
 def storage_options(url: str, endpoint_url: str | None = None, **options: Any) -> dict[str, Any]:
-    """fsspec options for `url`: the S3 endpoint (argument, else env) for s3://,
-    listings cache off (other processes commit records we must see), no secrets
-    in options or in the URL."""
+    """fsspec options for `url`: the S3 endpoint (argument, else env) for s3:// (other
+    protocols ignore it: one job may read from S3 and write locally), listings cache
+    off (other processes commit records we must see), no secrets in options or in the URL."""
     bad = SECRET_OPTIONS & options.keys()
     if bad:
         raise ValueError(f"credential options {sorted(bad)} are not accepted; provide credentials "
@@ -63,37 +68,30 @@ def storage_options(url: str, endpoint_url: str | None = None, **options: Any) -
     opts = dict(options)
     endpoint_url = endpoint_url or opts.pop("endpoint_url", None)
     if protocol in S3_PROTOCOLS:
-        endpoint = endpoint_url or next((os.environ[v] for v in S3_ENDPOINT_ENV if os.environ.get(v)), None)
+        endpoint = s3_endpoint(endpoint_url)
         if endpoint:
             opts["endpoint_url"] = endpoint
         opts.setdefault("use_listings_cache", False)
-    elif endpoint_url:
-        raise ValueError(f"endpoint_url applies to s3:// URLs, not {protocol}://")
     return opts
 
 
-class StorageEnv:
-    """This process's object storage endpoint and credentials (STORAGE_ENV), to `apply()`
-    in an actor: Ray actors inherit their node's environment, not the driver's.
+def s3_endpoint(endpoint_url: str | None = None) -> str | None:
+    """The S3 endpoint: the argument, else the first of S3_ENDPOINT_ENV that is set."""
+    return endpoint_url or next((os.environ[v] for v in S3_ENDPOINT_ENV if os.environ.get(v)), None)
 
-    Handed over as an actor argument, not as a runtime_env, because Ray logs runtime_envs
-    (runtime_env_agent.log) with their values; the repr names variables, never values."""
 
-    def __init__(self):
-        self._values = {name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)}
-
-    def __repr__(self) -> str:
-        return f"StorageEnv({sorted(self._values)})"
-
-    def apply(self) -> None:
-        os.environ.update(self._values)
+def _file_mode() -> int:
+    """0666 less this process's umask: what open() gives a new file (mkstemp gives 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 class Storage:
     """A root prefix (file://, plain path, s3://bucket/prefix, memory://, gs://, ...)
     and atomic, retried operations on keys relative to it."""
 
-    def __init__(self, url: str, endpoint_url: str | None = None, *, retries: int = 4,
+    def __init__(self, url: str, endpoint_url: str | None = None, *, retries: int = 10,
                  backoff_s: float = 0.5, **options: Any):
         if not url:
             raise ValueError("storage URL is empty")
@@ -104,6 +102,7 @@ class Storage:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.on_retry: Callable[[], Any] | None = None  # told of each retry: waiting on storage is not a hang
 
     def __repr__(self) -> str:
         endpoint = self._options.get("endpoint_url")
@@ -218,6 +217,7 @@ class Storage:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", dir=parent)
         try:
+            os.fchmod(fd, _file_mode())
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
@@ -229,21 +229,30 @@ class Storage:
             raise
 
     def _retry(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call fn, retrying transient errors with capped exponential backoff and jitter."""
-        attempt = 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except _PERMANENT:
+        return call_with_retries(fn, *args, retries=self.retries, backoff_s=self.backoff_s, on_retry=self.on_retry,
+                                 **kwargs)
+
+
+def call_with_retries(fn: Callable[..., T], *args: Any, retries: int = 10, backoff_s: float = 0.5,
+                      on_retry: Callable[[], Any] | None = None, **kwargs: Any) -> T:
+    """Call fn, retrying transient errors with capped exponential backoff and jitter
+    (with the default 10 retries: 1 to 2.5 minutes in all before the error is raised)."""
+    attempt = 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except _PERMANENT:
+            raise
+        except _TRANSIENT as e:
+            if attempt >= retries:
                 raise
-            except _TRANSIENT as e:
-                if attempt >= self.retries:
-                    raise
-                delay = min(self.backoff_s * 2 ** attempt, 10.0) * (0.5 + random.random() / 2)
-                attempt += 1
-                log.warning("storage %s failed (%s: %s); retry %d/%d in %.1fs", getattr(fn, "__name__", "op"),
-                            type(e).__name__, e, attempt, self.retries, delay)
-                time.sleep(delay)
+            delay = min(backoff_s * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
+            attempt += 1
+            log.warning("storage %s failed (%s: %s); retry %d/%d in %.1fs", getattr(fn, "__name__", "op"),
+                        type(e).__name__, e, attempt, retries, delay)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay)
 
 
 def _rebuild(url: str, options: dict, retries: int, backoff_s: float) -> Storage:

@@ -14,9 +14,14 @@ Formats, by extension (after a compression suffix) or else by content:
 - `.parquet`: a `prompts` (list of strings) or `segments` (list of {prompt, seconds})
   column, plus optional id, seed, resolution, fps.
 `.gz`, `.bz2`, `.xz` (and `.zst` with zstandard installed) are decompressed on the fly.
+
+A manifest of millions of lines is read for hours: a read that fails on a transient
+storage error re-opens the file where it was and goes on (Storage's backoff, minutes),
+so a storage outage does not end the job.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, Optional
@@ -25,8 +30,9 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
 
+from cluster.storage import call_with_retries
 from cluster.storage import storage_options as fs_options
-from memflow.script import Script, ScriptError, parse_script
+from memflow.script import Limits, Script, ScriptError, parse_script
 
 MAX_LINE_BYTES = 1 << 20
 PREVIEW_CHARS = 200
@@ -54,16 +60,17 @@ class ManifestItem:
         return self.error is None
 
 
-def iter_manifest(url: str, storage_options: Optional[dict] = None, *,
-                  max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[ManifestItem]:
-    """Yield one ManifestItem per record of the manifest at `url`, in order."""
+def iter_manifest(url: str, storage_options: Optional[dict] = None, *, max_line_bytes: int = MAX_LINE_BYTES,
+                  limits: Optional[Limits] = None) -> Iterator[ManifestItem]:
+    """Yield one ManifestItem per record of the manifest at `url`, in order; scripts
+    outside `limits` (memflow.script.Limits) are bad records."""
     fs, path, compression = _open_args(url, storage_options)
-    with fs.open(path, "rb", compression=compression) as f:
+    with _open(fs, path, compression) as f:
         fmt = _format(path, compression, f)
         if fmt == "parquet":
-            yield from _parquet_items(f)
+            yield from _parquet_items(f, limits)
         else:
-            yield from _line_items(f, fmt, max_line_bytes)
+            yield from _line_items(f, fmt, max_line_bytes, limits)
 
 
 def count_manifest(url: str, storage_options: Optional[dict] = None,
@@ -71,7 +78,7 @@ def count_manifest(url: str, storage_options: Optional[dict] = None,
     """Number of records, for progress totals: Parquet from its footer; line formats
     by a quick scan when uncompressed and at most `max_bytes`; otherwise None."""
     fs, path, compression = _open_args(url, storage_options)
-    with fs.open(path, "rb", compression=compression) as f:
+    with _open(fs, path, compression) as f:
         fmt = _format(path, compression, f)
         if fmt == "parquet":
             return pq.ParquetFile(f).metadata.num_rows
@@ -82,7 +89,7 @@ def count_manifest(url: str, storage_options: Optional[dict] = None,
 
 # -- line formats ---------------------------------------------------------------
 
-def _line_items(f: BinaryIO, fmt: str, max_line_bytes: int) -> Iterator[ManifestItem]:
+def _line_items(f: BinaryIO, fmt: str, max_line_bytes: int, limits: Optional[Limits]) -> Iterator[ManifestItem]:
     for n, data, head in _lines(f, max_line_bytes):
         if data is None:
             yield ManifestItem(n, None, f"line is longer than {max_line_bytes} bytes; skipped", _preview(head))
@@ -97,10 +104,10 @@ def _line_items(f: BinaryIO, fmt: str, max_line_bytes: int) -> Iterator[Manifest
         except UnicodeDecodeError as e:
             yield ManifestItem(n, None, f"not valid UTF-8 (byte {e.start})", _preview(data))
             continue
-        yield _item(n, text, fmt)
+        yield _item(n, text, fmt, limits)
 
 
-def _item(n: int, text: str, fmt: str) -> ManifestItem:
+def _item(n: int, text: str, fmt: str, limits: Optional[Limits]) -> ManifestItem:
     raw = _preview(text)
     if fmt == "txt":
         record: Any = {"prompts": [text.strip()]}
@@ -110,7 +117,7 @@ def _item(n: int, text: str, fmt: str) -> ManifestItem:
         except (ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
             return ManifestItem(n, None, f"invalid JSON: {e}", raw)
     try:
-        return ManifestItem(n, parse_script(record), None, raw)
+        return ManifestItem(n, parse_script(record, limits), None, raw)
     except ScriptError as e:
         return ManifestItem(n, None, str(e), raw)
 
@@ -163,7 +170,7 @@ def _line_bytes(buf: bytearray, n: int) -> bytes:
 
 # -- Parquet --------------------------------------------------------------------
 
-def _parquet_items(f: BinaryIO) -> Iterator[ManifestItem]:
+def _parquet_items(f: BinaryIO, limits: Optional[Limits]) -> Iterator[ManifestItem]:
     pf = pq.ParquetFile(f)
     unknown = set(pf.schema_arrow.names) - SCRIPT_COLUMNS
     if unknown:
@@ -176,12 +183,59 @@ def _parquet_items(f: BinaryIO) -> Iterator[ManifestItem]:
             record = {k: v for k, v in row.items() if v is not None}  # nulls mean "default"
             raw = _preview(json.dumps(record, ensure_ascii=False, default=str))
             try:
-                yield ManifestItem(n, parse_script(record), None, raw)
+                yield ManifestItem(n, parse_script(record, limits), None, raw)
             except ScriptError as e:
                 yield ManifestItem(n, None, str(e), raw)
 
 
 # -- helpers --------------------------------------------------------------------
+
+class _Resumable(io.RawIOBase):
+    """A file on any fsspec filesystem whose reads survive transient storage errors: a
+    failed read re-opens the file at the offset reached and tries again."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path, self.pos = fs, path, 0
+        self.f = call_with_retries(fs.open, path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = call_with_retries(self._read, len(buffer))
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self.f.read(n)
+        except Exception:
+            self.f = self.fs.open(self.path, "rb")  # a file object that failed mid-read is not trusted again
+            self.f.seek(self.pos)
+            raise
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = self.f.seek(offset, whence)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _open(fs, path: str, compression: Optional[str]) -> BinaryIO:
+    from fsspec.compression import compr
+
+    raw = _Resumable(fs, path)
+    return compr[compression](raw, mode="rb") if compression else raw
+
 
 def _open_args(url: str, options: Optional[dict]) -> tuple[Any, str, Optional[str]]:
     fs, path = fsspec.core.url_to_fs(url, **fs_options(url, **(options or {})))

@@ -14,22 +14,69 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr, ValidationError, field_validator,
+                      model_validator)
 
 BENCHMARK_SECONDS_PER_PROMPT = 10.0
 MAX_PROMPT_CHARS = 4000
 MAX_SEGMENTS = 1000
 _ID_OK = re.compile(r"[A-Za-z0-9._-]")
+StrictFloat = Annotated[float, Strict()]  # JSON ints are floats too, bools and strings are not
+
+
+def _unicode_text(v: str, what: str) -> str:
+    """Reject strings that cannot be written as UTF-8: a lone UTF-16 surrogate (a JSON
+    escape such as \\ud800 without its pair) passes json.loads and fails much later."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: lone surrogate {v[e.start]!a} at character {e.start} "
+                         "(escapes \\ud800-\\udfff must come in high-low pairs)") from None
+    return v
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a job puts on each script, so that nothing it accepts can hold a replica for
+    ever: total duration, pixels per frame, fps. `for_preset` ties the resolution bound to
+    the model's own (twice its height and width); jobs raise them with flags."""
+
+    max_seconds: float = 600.0
+    max_pixels: int = 4 * 480 * 832  # twice Wan2.1's 480x832 on each side
+    max_fps: int = 60
+    preset: str = ""  # named in the resolution error, when the bound comes from a preset
+
+    @classmethod
+    def for_preset(cls, preset, **overrides) -> "Limits":
+        """Defaults for a `memflow.config.Preset`; None in `overrides` keeps a default."""
+        limits = cls(max_pixels=4 * preset.height * preset.width,
+                     preset=f"{preset.name} preset's {preset.height}x{preset.width}")
+        return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check(self, script: "Script") -> None:
+        total = sum(s.seconds for s in script.segments)
+        if total > self.max_seconds:
+            raise ValueError(f"seconds: the segments add up to {total:g} s, above this job's limit of "
+                             f"{self.max_seconds:g} s; shorten or split the script, or raise --max-seconds")
+        if script.resolution is not None:
+            h, w = script.resolution
+            if h * w > self.max_pixels:
+                basis = f" (4x the {self.preset})" if self.preset else ""
+                raise ValueError(f"resolution: {h}x{w} is {h * w} pixels, above this job's limit of "
+                                 f"{self.max_pixels}{basis}; lower it or raise --max-pixels")
+        if script.fps > self.max_fps:
+            raise ValueError(f"fps: {script.fps} is above this job's limit of {self.max_fps}; "
+                             "lower it or raise --max-fps")
 
 
 class Segment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., description="what happens in this segment")
-    seconds: float = Field(..., description="duration of the segment in seconds")
+    prompt: StrictStr = Field(..., description="what happens in this segment")
+    seconds: StrictFloat = Field(..., description="duration of the segment in seconds")
 
     @field_validator("prompt")
     @classmethod
@@ -38,7 +85,7 @@ class Segment(BaseModel):
             raise ValueError("prompt is empty; give each segment a text describing it")
         if len(v) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt has {len(v)} characters; keep it under {MAX_PROMPT_CHARS}")
-        return v
+        return _unicode_text(v, "prompt")
 
     @field_validator("seconds")
     @classmethod
@@ -54,12 +101,13 @@ class Script(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: Optional[str] = Field(None, description="stable name; derived from the content when absent")
+    id: Optional[StrictStr] = Field(None, description="stable name; derived from the content when absent")
     segments: Optional[list[Segment]] = None
-    prompts: Optional[list[str]] = None
-    seed: int = Field(0, ge=0, lt=2**63)
-    resolution: Optional[tuple[int, int]] = Field(None, description="(height, width); preset default when absent")
-    fps: int = Field(16, ge=1, le=120)
+    prompts: Optional[list[StrictStr]] = None
+    seed: StrictInt = Field(0, ge=0, lt=2**63)
+    resolution: Optional[tuple[StrictInt, StrictInt]] = Field(None, description="(height, width); preset default "
+                                                                                "when absent")
+    fps: StrictInt = Field(16, ge=1, le=120)
 
     @model_validator(mode="before")
     @classmethod
@@ -98,7 +146,7 @@ class Script(BaseModel):
     def _id_ok(cls, v):
         if v is not None and (not v.strip() or len(v) > 512):
             raise ValueError("id must be a non-empty string of at most 512 characters")
-        return v
+        return v if v is None else _unicode_text(v, "id")
 
     @model_validator(mode="after")
     def _segments_required(self):
@@ -197,6 +245,8 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; allowed: id, segments, prompts, seed, resolution, fps (segments: prompt, seconds)"
+        elif e["type"].endswith("_type"):  # strict: say what came instead, never coerce it
+            msg += f", got {type(e['input']).__name__} {ascii(e['input'])[:40]}"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -205,8 +255,9 @@ class ScriptError(ValueError):
     """A script that cannot be rendered; the message names the field and the fix."""
 
 
-def parse_script(data) -> Script:
-    """Validate a dict (or JSON text) into a Script, raising ScriptError with field names."""
+def parse_script(data, limits: Limits | None = None) -> Script:
+    """Validate a dict (or JSON text) into a Script within `limits` (default `Limits()`),
+    raising ScriptError with field names."""
     if isinstance(data, (str, bytes)):
         try:
             data = json.loads(data)
@@ -216,6 +267,7 @@ def parse_script(data) -> Script:
         raise ScriptError(f"a script is a JSON object, got {type(data).__name__}")
     try:
         script = Script.model_validate(data)
+        (limits or Limits()).check(script)
         script.plan()  # segments too short to hold a chunk are input errors too
     except ValidationError as e:
         raise ScriptError(format_validation_error(e)) from None

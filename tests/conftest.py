@@ -1,5 +1,10 @@
-"""Shared fixtures: a real S3 protocol server (moto) on 127.0.0.1."""
+"""Shared fixtures: a real S3 protocol server (moto) on 127.0.0.1, a private Ray head for
+the session (`ray_head`, `ray_client`), and a multi-node Ray cluster (`ray_cluster`)."""
 from __future__ import annotations
+
+import os
+import signal
+import threading
 
 import boto3
 import pytest
@@ -43,19 +48,68 @@ def s3_bucket(s3_server) -> str:
     return BUCKET
 
 
+class HeadWatch(threading.Thread):
+    """Ends the test session at once, with the reason, if the session's Ray head dies.
+
+    Without it the test that was running blocks in a Ray call until Ray gives up (a
+    minute, then it kills this process without a word), and a test in a subprocess or
+    a Jobs CLI call waits out its own timeout. `ray start --block` exits when any of
+    the head's processes dies; this thread waits for that, then interrupts the main
+    thread (SIGUSR1, whose handler raises KeyboardInterrupt: Ray's blocking calls give
+    way to that), and pytest_sessionfinish turns the interruption into the reason and
+    exit status 3."""
+
+    died: str | None = None  # why the session stopped, once it has
+
+    def __init__(self, head):
+        super().__init__(daemon=True, name="ray-head-watch")
+        self.head, self.stopping = head, False
+        self.previous = signal.signal(signal.SIGUSR1, self._interrupt)
+
+    def run(self):
+        code = self.head.process.wait()
+        if self.stopping:
+            return
+        log = self.head.log.read_text(errors="replace")[-2000:] if self.head.log.exists() else ""
+        HeadWatch.died = (f"the test session's Ray head died (`ray start` exited with {code}; its logs are in "
+                          f"{self.head.temp_dir}/session_latest/logs); the tests that need it cannot go on.\n"
+                          f"last lines of `ray start`:\n{log}")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    @staticmethod
+    def _interrupt(signum, frame):
+        if HeadWatch.died is not None:
+            raise KeyboardInterrupt(HeadWatch.died)
+
+    def stop(self):
+        self.stopping = True
+        signal.signal(signal.SIGUSR1, self.previous)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if HeadWatch.died is not None:
+        session.config.get_terminal_writer().line(f"\nSTOPPED: {HeadWatch.died}", red=True, bold=True)
+        session.exitstatus = 3
+
+
 @pytest.fixture(scope="session")
-def ray_head():
+def ray_head(s3_server):
     """A private Ray head on 127.0.0.1 (tests/ray_cluster.py), 4 CPUs, for the whole session.
 
-    While it lives, this process's environment carries its auth settings and no
+    Its processes have the session's object storage credentials in their environment
+    (as a node with a secret env or instance role): replicas use those, not the
+    driver's. While it lives, this process's environment carries its auth settings and no
     RAY_ADDRESS of anyone else's, and Ray in this process keeps to 127.0.0.1, so
-    `ray.init(address=ray_head.gcs_address)` and the Jobs SDK reach it."""
+    `ray.init(address=ray_head.gcs_address)` and the Jobs SDK reach it. If it dies, the
+    session ends at once with the reason (HeadWatch)."""
     from ray._private import ray_constants
     from ray._private.authentication_test_utils import reset_auth_token_state
 
-    from tests.ray_cluster import start_head
+    from tests.ray_cluster import node_credentials, start_head
 
-    head = start_head(num_cpus=4)
+    head = start_head(num_cpus=4, node_env=node_credentials())
+    watch = HeadWatch(head)
+    watch.start()
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("RAY_ADDRESS", raising=False)
@@ -67,6 +121,7 @@ def ray_head():
             yield head
         reset_auth_token_state()
     finally:
+        watch.stop()
         head.stop()
 
 
@@ -82,3 +137,23 @@ def ray_client(ray_head):
         yield ray_head
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(ray_head, monkeypatch):
+    """A multi-node cluster of its own (tests/ray_cluster.py LocalCluster: a head and
+    worker nodes added by the test, each with one `fake_gpu`), this process its driver."""
+    import ray
+
+    from tests.ray_cluster import LocalCluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = LocalCluster()
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", str(cluster.temp_dir))
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

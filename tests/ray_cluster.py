@@ -1,4 +1,6 @@
-"""A private Ray head on 127.0.0.1 for tests, started and stopped by its own processes.
+"""Private Ray clusters on 127.0.0.1 for tests, started and stopped by their own processes:
+a head (`start_head`) for most tests, and several raylets (`LocalCluster`) where nodes
+must join and leave mid-run.
 
 `ray stop` is not used: it terminates every Ray process on the machine, including
 heads that other people or other test sessions started. Instead the head runs as
@@ -11,8 +13,9 @@ listens on every interface; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (single node, as
 macOS) keeps everything on 127.0.0.1. A driver connecting with `ray.init` needs the
 same setting, which Ray reads when imported (conftest's `ray_head` patches it).
 
-The head's processes get no object storage endpoint or credentials: like nodes
-without a cloud role, they rely on what the driver forwards.
+The head's processes get the object storage credentials the test session has (like a
+node with an instance role or a secret env): replicas use their node's credentials,
+never the driver's. The endpoint is configuration, which the driver passes on.
 
 Token authentication (Ray's default when ~/.ray/auth_token exists) stays on, with
 a token of the head's own (RAY_AUTH_TOKEN_PATH in its temp dir): the CLI, the Jobs
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import contextlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import psutil
 
-from cluster.storage import STORAGE_ENV
+from cluster.storage import S3_ENDPOINT_ENV, STORAGE_ENV
 
 # Everything a client of the head needs in its environment (and nothing of another head's).
 _DROP_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -108,16 +112,17 @@ def _processes_of(session: int, temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-def start_head(num_cpus: int = 4, timeout: float = 120) -> RayHead:
-    """Start a head on 127.0.0.1 with free ports; return once its Jobs API answers."""
+def start_head(num_cpus: int = 4, timeout: float = 120, node_env: dict | None = None) -> RayHead:
+    """Start a head on 127.0.0.1 with free ports; return once its Jobs API answers.
+    `node_env`: what the node's processes get besides (credentials, as a node's secret env)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's unix sockets live under it
     token_path = temp_dir / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
-    # No object storage credentials or endpoint of its own (as on nodes without a cloud role):
-    # what the replicas need must come from the driver.
+    # Object storage credentials only from `node_env` (the node's own), never a developer's profile.
     env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and k not in STORAGE_ENV}
     env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true")
+    env.update(node_env or {})
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_USAGE_STATS_ENABLED="0",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single node: Ray keeps 127.0.0.1, not the host's IP
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
@@ -158,3 +163,88 @@ def _wait_for_jobs_api(head: RayHead, token: str, timeout: float) -> None:
         time.sleep(0.5)
     raise TimeoutError(f"the Jobs API at {head.dashboard_url} did not answer in {timeout:.0f} s ({last}):\n"
                        f"{head.log.read_text()[-4000:]}")
+
+
+def node_credentials() -> dict:
+    """The object storage credentials of this process (the session's moto dummies), as a
+    node's secret env would carry them; no endpoint (the driver passes that on)."""
+    return {k: os.environ[k] for k in STORAGE_ENV if k not in S3_ENDPOINT_ENV and os.environ.get(k)}
+
+
+@contextlib.contextmanager
+def _environ(changes: dict):
+    """os.environ with `changes` (None: unset) while a node's processes are spawned: they inherit it."""
+    saved = dict(os.environ)
+    try:
+        for k, v in changes.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class LocalCluster:
+    """Several raylets on this machine (ray.cluster_utils.Cluster), all on 127.0.0.1, in a
+    temp dir of their own, for tests where nodes join and leave mid-run.
+
+    Worker nodes carry RESOURCE, which stands in for a GPU: replicas ask for it
+    (`--replica-resources`), so they can only run on worker nodes and move between them
+    as nodes come and go. Each node's processes inherit the environment given to
+    `add_node` (with or without credentials, a faulty node, ...); the head has none of
+    the object storage variables. Nothing here runs `ray stop`: nodes are removed one by one.
+    """
+
+    RESOURCE = "fake_gpu"
+
+    def __init__(self, head_cpus: int = 2):
+        from ray._private import ray_constants
+        from ray.cluster_utils import Cluster
+
+        # This process starts the nodes and drives them: it keeps to 127.0.0.1 too (Ray read
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported, so set what it derived).
+        self._cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: unix socket paths
+        (self.temp_dir / "ray").mkdir()
+        # RAY_TMPDIR: the cluster's address file goes here, not to the shared /tmp/ray.
+        self.env = {"RAY_TMPDIR": str(self.temp_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "RAY_USAGE_STATS_ENABLED": "0", "AUTOSCALER_METRIC_PORT": str(free_port()),
+                    "DASHBOARD_METRIC_PORT": str(free_port())}
+        with _environ({**self.env, **{k: None for k in STORAGE_ENV}}):
+            self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=dict(
+                num_cpus=head_cpus, node_ip_address="127.0.0.1", temp_dir=str(self.temp_dir),
+                include_dashboard=False, dashboard_agent_listen_port=free_port()))
+        self.address = self.cluster.address
+
+    def add_node(self, gpus: int = 1, cpus: int = 1, env: dict | None = None, wait: bool = True):
+        """A worker node with `gpus` of RESOURCE; `env` changes its processes' environment."""
+        with _environ({**self.env, **(env or {})}):
+            return self.cluster.add_node(num_cpus=cpus, resources={self.RESOURCE: gpus} if gpus else {},
+                                         node_ip_address="127.0.0.1", temp_dir=str(self.temp_dir), wait=wait)
+
+    def remove_node(self, node) -> None:
+        """Every process of the node is killed at once, as when a spot instance is reclaimed:
+        its Ray processes, and the workers (actors) they started, which Ray would otherwise
+        let finish what they are doing."""
+        workers = []
+        for info in (p for procs in node.all_processes.values() for p in procs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                workers += psutil.Process(info.process.pid).children(recursive=True)
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        with _environ(self.env):
+            self.cluster.remove_node(node, allow_graceful=False)
+        psutil.wait_procs(workers, timeout=10)
+
+    def shutdown(self) -> None:
+        from ray._private import ray_constants
+
+        with _environ(self.env):
+            self.cluster.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        ray_constants.ENABLE_RAY_CLUSTER = self._cluster_flag

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import ray
 import torch
 
 from cluster.memory_service import MemoryServiceClient, VideoStateLost, shard_for, start_shards
+from cluster.storage import STORAGE_ENV
 from jobs import batch
 from memflow.config import PRESETS
 from memflow.memory import InProcessRanker
@@ -127,6 +129,42 @@ def run_driver(*argv: str) -> int:
     return batch.main([*argv, "--preset", "tiny"])
 
 
+class Driver(threading.Thread):
+    """The job's driver in a thread of this process, so the test can act on the cluster
+    while it runs; `finish` waits for it, bounded."""
+
+    def __init__(self, *argv: str):
+        super().__init__(daemon=True)
+        self.argv = [*argv, "--preset", "tiny"]
+        self.status: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            self.status = batch.run(batch.parse_args(self.argv))
+        except BaseException as e:  # surfaced by finish()
+            self.error = e
+
+    def finish(self, timeout: float = 600) -> int:
+        self.join(timeout)
+        assert not self.is_alive(), "the job did not end"
+        assert self.error is None, self.error
+        return self.status
+
+
+def wait_for(what: str, check, timeout: float = 300, driver: Driver | None = None):
+    """Poll `check()` (bounded) until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver is not None and not driver.is_alive():
+            raise AssertionError(f"the job ended before {what}")
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 # -- end to end through the Jobs CLI ---------------------------------------------------
 
 GOOD = [
@@ -161,6 +199,9 @@ def test_jobs_cli_end_to_end_with_bad_lines(ray_head, tmp_path):
     info = JobSubmissionClient(ray_head.dashboard_url).get_job_info(sub_id)
     assert info.driver_exit_code == batch.EXIT_PARTIAL, logs
     assert "partial success: 4 committed, 0 already done, 0 failed, 4 rejected input line(s)" in logs
+    # replicas are built from plain values (shards by name), so Ray has no reason to warn that
+    # a restart could fail for lack of constructor arguments held in the object store
+    assert "constructor arguments in the object store" not in logs
 
     out = Outputs(out_dir)
     scripts = by_id(GOOD)
@@ -316,6 +357,33 @@ def test_rerun_after_an_interrupted_run_renders_only_what_is_missing(ray_head, t
         assert (out_dir / "records" / name).read_bytes() == data
 
 
+def test_a_stopped_driver_ends_with_exit_2_and_a_summary_of_what_it_did(ray_head, tmp_path):
+    """SIGTERM (what `ray job stop` sends) mid-run: the driver releases its actors, writes
+    summary.json with what was committed, says so in one line and exits 2."""
+    scripts = long_scripts("stop", 4)
+    manifest = write_manifest(tmp_path / "scripts.jsonl", scripts)
+    out_dir = tmp_path / "out"
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs_address}
+    driver = subprocess.Popen([sys.executable, "jobs/batch.py", "--scripts", str(manifest), "--output", str(out_dir),
+                               "--replicas", "1", "--in-flight", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not list((out_dir / "records").glob("*.json")):
+            assert driver.poll() is None, "the driver ended before it was stopped"
+            time.sleep(0.05)
+        driver.terminate()
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == batch.EXIT_FAILED, stderr[-5000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("failure: stopped by a signal; re-run the same command to resume (summary: ")
+    summary = Outputs(out_dir).summary()
+    committed = len(list((out_dir / "records").glob("*.json")))
+    assert (summary["status"], summary["exit_status"]) == ("failure", 2) and summary["committed"] <= committed
+
+
 # -- the memory bank service -------------------------------------------------------------
 
 def test_memory_service_ranks_as_in_process_and_releases_each_video(ray_client):
@@ -358,7 +426,8 @@ def test_restarted_shard_refuses_a_video_it_lost(ray_client):
         deadline = time.monotonic() + 60
         while ray.get(shard.stats.remote())["videos"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert ray.get(shard.stats.remote()) == {"shard": 0, "videos": 0, "bytes": 0}
+        stats = ray.get(shard.stats.remote())
+        assert (stats["shard"], stats["videos"], stats["bytes"]) == (0, 0, 0)
         with pytest.raises(ray.exceptions.RayTaskError) as err:
             client.rank("v", torch.ones(4, 8), [[0]], 1)
         assert isinstance(err.value.cause, VideoStateLost)
@@ -390,3 +459,102 @@ def test_hostile_ids_and_lines_cannot_escape_or_stop_the_job(ray_client, tmp_pat
     errors = out.errors()
     assert sorted(e["line"] for e in errors) == [3, 5]
     assert "longer than" in errors[0]["reason"] and len(json.dumps(errors)) < 10_000
+
+
+def test_limits_duplicates_and_resume_conflicts_are_reported_with_their_lines(ray_client, tmp_path):
+    """Scripts that could never finish, coerced types and lone surrogates are rejected up
+    front; an id re-used with other content is reported (in the run and on resume), an
+    exact repeat is rendered once. Outputs are readable by the team (not 0600)."""
+    boat = {"id": "dup", "seed": 1, "prompts": ["a paper boat"]}
+    kite = {"prompts": ["a red kite"], "seed": 3}
+    lines = [boat, {**boat, "seed": 2}, boat, kite, kite,
+             {"segments": [seg("a night that never ends", 1e9)]},
+             {"prompts": ["a"], "resolution": [2**70, 16]},
+             '{"prompts": ["a fox \\ud83e in the snow"]}',
+             {"prompts": ["a"], "fps": "16"},
+             {"segments": [{"prompt": "a", "seconds": True}]}]
+    manifest = write_manifest(tmp_path / "scripts.jsonl", lines)
+    out_dir = tmp_path / "out"
+    driver = Driver("--scripts", str(manifest), "--output", str(out_dir), "--replicas", "1")
+    driver.start()
+    assert driver.finish(600) == batch.EXIT_PARTIAL
+    out = Outputs(out_dir)
+    check_committed(out, by_id([boat, kite]), tmp_path)
+    reasons = {e["line"]: e["reason"] for e in out.errors()}
+    expected = {2: "duplicate id 'dup': line 1 has it with different content",
+                6: "seconds: the segments add up to 1e+09 s", 7: "resolution: 1180591620717411303424x16",
+                8: "segments.0.prompt: prompt is not valid Unicode text: lone surrogate",
+                9: "fps: Input should be a valid integer, got str", 10: "segments.0.seconds: Input should be a valid"}
+    assert reasons.keys() == expected.keys()
+    for n, text in expected.items():
+        assert text in reasons[n], (n, reasons[n])
+    summary = out.summary()
+    assert (summary["committed"], summary["skipped_repeated_lines"], summary["rejected_input"],
+            summary["skipped_already_committed"]) == (2, 2, 6, 0)
+    for path in out_dir.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by group and others"
+
+    # resume: the same id with other content is reported, not taken for done; an exact repeat is
+    resumed = write_manifest(tmp_path / "again.jsonl", [{**boat, "seed": 9}, kite])
+    assert run_driver("--scripts", str(resumed), "--output", str(out_dir), "--replicas", "1") == batch.EXIT_PARTIAL
+    [error] = out.errors()
+    assert error["line"] == 1 and "'dup' was committed by an earlier run with different content" in error["reason"]
+    summary = out.summary()
+    assert (summary["committed"], summary["skipped_already_committed"], summary["rejected_input"]) == (0, 1, 1)
+    assert out.records()["dup"]["seed"] == 1, "the committed video was left alone"
+
+
+def test_a_replica_that_hangs_is_restarted_and_its_script_retried(ray_head, tmp_path):
+    """MEMFLOW_TEST_HANG (test-only, cluster/replica.py) makes a render hang after its first
+    chunk: hang-0 on its first attempt only, hang-1 on every attempt. The stall watchdog
+    restarts the replica each time; hang-0 is committed on its retry, hang-1 fails after
+    its attempts with the reason, the rest is committed."""
+    scripts = long_scripts("hang", 3)
+    manifest = write_manifest(tmp_path / "scripts.jsonl", scripts)
+    ray.init(address=ray_head.gcs_address, log_to_driver=False,
+             runtime_env={"env_vars": {"MEMFLOW_TEST_HANG": "hang-0:1,hang-1"}})
+    try:
+        driver = Driver("--scripts", str(manifest), "--output", str(tmp_path / "out"), "--replicas", "1",
+                        "--stall-timeout", "8", "--max-attempts", "2")
+        driver.start()
+        status = driver.finish(600)
+    finally:
+        ray.shutdown()
+    assert status == batch.EXIT_PARTIAL
+    out = Outputs(tmp_path / "out")
+    records = check_committed(out, {"hang-0": scripts[0], "hang-2": scripts[2]}, tmp_path)
+    assert records["hang-0"]["attempts"] == 2
+    [error] = out.errors()
+    assert error["id"] == "hang-1" and error["reason"] == "failed after 2 attempt(s)"
+    assert len(error["attempts"]) == 2
+    assert all(a.startswith("stalled: no progress for") and "at generate of hang-1" in a for a in error["attempts"])
+    assert out.summary()["failed"] == 1
+
+
+def test_an_unexpected_error_ends_with_exit_2_one_line_and_a_summary(s3_server, s3_bucket, tmp_path):
+    """No credentials where the driver runs: exit 2, a last line that says what to do, no
+    traceback, and summary.json in the output (or, if that is what cannot be reached,
+    a local file the line names)."""
+    env = {k: v for k, v in os.environ.items() if k not in STORAGE_ENV}
+    env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true")
+
+    def driver(*argv):
+        run = subprocess.run([sys.executable, "jobs/batch.py", "--endpoint-url", s3_server, *argv], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        return run.returncode, run.stderr.strip().splitlines()[-1], run.stderr
+
+    status, last, stderr = driver("--scripts", f"s3://{s3_bucket}/any/scripts.jsonl", "--output", str(tmp_path / "o"))
+    assert status == batch.EXIT_FAILED and "Traceback" not in stderr
+    assert last.startswith("failure: no object storage credentials (NoCredentialsError: Unable to locate credentials)")
+    assert "instance role or service account" in last and last.endswith(f"(summary: file://{tmp_path}/o/summary.json)")
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (summary["status"], summary["exit_status"], summary["committed"]) == ("failure", 2, 0)
+    assert "NoCredentialsError" in summary["error"]
+
+    manifest = write_manifest(tmp_path / "m.jsonl", [GOOD[0]])
+    status, last, _ = driver("--scripts", str(manifest), "--output", f"s3://{s3_bucket}/unreachable")
+    assert status == batch.EXIT_FAILED and last.startswith("failure: no object storage credentials")
+    local = last.rsplit("(summary: ", 1)[1].rstrip(")")
+    assert json.loads(Path(local).read_text())["exit_status"] == 2
+    Path(local).unlink()

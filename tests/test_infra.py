@@ -167,7 +167,7 @@ def test_dockerignore_keeps_the_context_small_but_complete():
 # --------------------------------------------------------------------------- RayJob
 
 
-def test_rayjob_runs_batch_py_on_gpu_workers():
+def test_rayjob_runs_batch_py_on_autoscaled_gpu_workers():
     rj = _rayjob()
     assert rj["apiVersion"] == "ray.io/v1" and rj["kind"] == "RayJob"
     spec = rj["spec"]
@@ -176,13 +176,17 @@ def test_rayjob_runs_batch_py_on_gpu_workers():
     flags = dict(zip(argv[2::2], argv[3::2]))
     for flag in ("--scripts", "--output", "--model"):
         assert flags.get(flag, "").startswith("s3://"), f"{flag} should be an s3:// URL"
-    assert flags.get("--preset") == "wan2.1-1.3b"
-    replicas = int(flags["--replicas"])
+    assert flags.get("--preset") == "wan2.1-1.3b" and flags.get("--device") == "gpu"
+    from jobs.batch import parse_args  # the entrypoint's flags are the driver's
+
+    args = parse_args(argv[2:])
+    assert args.replicas is None, "a fixed --replicas would not follow the autoscaler"
 
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
 
     cluster = spec["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True, "GPU pods are added for pending replicas"
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     gpu_pods = 0
     for group in cluster["workerGroupSpecs"]:
@@ -193,9 +197,9 @@ def test_rayjob_runs_batch_py_on_gpu_workers():
         assert requested is None or int(requested) == gpus, group["groupName"]
         if gpus:
             assert gpus == 1, "one GPU per worker pod (one replica per GPU)"
-            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-            gpu_pods += group["replicas"]
-    assert gpu_pods == replicas, f"--replicas {replicas} but {gpu_pods} GPU worker pods"
+            assert group["minReplicas"] == 0 <= group["replicas"] <= group["maxReplicas"], "starts at zero"
+            gpu_pods += group["maxReplicas"]
+    assert gpu_pods == args.max_replicas, f"--max-replicas {args.max_replicas} but at most {gpu_pods} GPU pods"
     # KubeRay's rayStartParams is map[string]string: a bare number fails the CRD's validation.
     for params in [cluster["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in cluster["workerGroupSpecs"]]:
         assert all(isinstance(v, str) for v in params.values()), params

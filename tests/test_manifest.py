@@ -180,3 +180,66 @@ def test_line_splitting_across_chunk_boundaries(tmp_path, monkeypatch, chunk):
     assert [(i.line, i.ok) for i in items] == [(1, True), (3, True), (4, False), (5, True), (6, True), (7, True)]
     assert [i.script.segments[0].prompt for i in items if i.ok] == ["a", "bb bb", "ccc", "y" * 9, "d"]
     assert items[2].raw.startswith("x" * 10) and "longer than 10 bytes" in items[2].error
+
+
+def test_scripts_that_could_never_finish_are_bad_lines(put):
+    from memflow.config import PRESETS
+    from memflow.script import Limits
+
+    lines = [
+        b'{"prompts": ["a lighthouse at dusk"]}',                                 # 1
+        b'{"segments": [{"prompt": "a long night", "seconds": 1e9}]}',            # 2 hangs a replica for ever
+        b'{"prompts": ["a"], "resolution": [1180591620717411303424, 16]}',        # 3 2**70 rows
+        b'{"prompts": ["a fox \\ud83e in the snow"]}',                            # 4 lone surrogate
+        b'{"prompts": ["a"], "fps": "16"}',                                       # 5 no coercion
+        b'{"segments": [{"prompt": "a", "seconds": true}]}',                      # 6
+        b'{"prompts": ["a"], "fps": 90}',                                         # 7 above the job's fps
+        b'{"prompts": ["a"], "resolution": [64, 64], "fps": 8}',                  # 8
+    ]
+    url, opts = put("limits.jsonl", b"\n".join(lines) + b"\n")
+    items = {i.line: i for i in iter_manifest(url, opts, limits=Limits.for_preset(PRESETS["tiny"]))}
+    assert [n for n, i in items.items() if i.ok] == [1, 8]
+    expected = {2: "seconds: the segments add up to 1e+09 s", 3: "resolution: 1180591620717411303424x16",
+                4: "segments.0.prompt: prompt is not valid Unicode text", 5: "fps: Input should be a valid integer",
+                6: "segments.0.seconds: Input should be a valid number, got bool", 7: "fps: 90 is above"}
+    for n, text in expected.items():
+        assert text in items[n].error, (n, items[n].error)
+        (items[n].raw + items[n].error).encode("utf-8")  # safe to write to errors.jsonl
+    assert "\\ud83e" in items[4].raw
+
+
+def test_a_storage_outage_mid_manifest_is_ridden_out(s3_server):  # s3_server: its dummy credentials
+    """The S3 server goes away while the manifest is being read (small blocks: a request
+    per 64 KiB read) and comes back 25 s later, longer than botocore's own retries last:
+    every line is read, once, in order."""
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    lines = [{"id": f"o{i}", "prompts": [f"scene {i} " + "x" * 80]} for i in range(3000)]  # 64 KiB reads: 6
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket="outage", Key="m.jsonl", Body=_jsonl(lines))
+    restarted = []
+
+    def restart():
+        time.sleep(25)
+        again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # its data lives on
+        again.start()
+        restarted.append(again)
+
+    try:
+        items = iter_manifest("s3://outage/m.jsonl", {"endpoint_url": endpoint, "default_block_size": 1024})
+        got = [next(items) for _ in range(50)]
+        server.stop()
+        threading.Thread(target=restart, daemon=True).start()
+        got += list(items)
+    finally:
+        for s in restarted or [server]:
+            s.stop()
+    assert restarted, "the read went on only after the server was back"
+    assert [i.script.video_id for i in got] == [f"o{i}" for i in range(3000)] and all(i.ok for i in got)

@@ -62,3 +62,61 @@ def test_short_segments_get_a_chunk_each_as_in_the_reference():
     with pytest.raises(ScriptError, match=r"segments\[2\].seconds: no chunk is left"):
         parse_script({"fps": 4, "segments": [{"prompt": "a", "seconds": 1}, {"prompt": "b", "seconds": 1},
                                              {"prompt": "c", "seconds": 1}]})
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"prompts": ["a"], "fps": "16"}, "fps: Input should be a valid integer, got str '16'"),
+    ({"prompts": ["a"], "fps": 16.0}, "fps: Input should be a valid integer, got float 16.0"),
+    ({"segments": [{"prompt": "a", "seconds": True}]}, "segments.0.seconds: Input should be a valid number, got bool"),
+    ({"segments": [{"prompt": "a", "seconds": "5"}]}, "segments.0.seconds: Input should be a valid number, got str"),
+    ({"prompts": ["a"], "seed": 1.0}, "seed: Input should be a valid integer, got float"),
+    ({"prompts": ["a"], "seed": "7"}, "seed: Input should be a valid integer, got str"),
+    ({"prompts": ["a"], "resolution": ["64", 64]}, "resolution.0: Input should be a valid integer, got str"),
+    ({"prompts": [7]}, "segments.0.prompt: Input should be a valid string, got int"),
+    ({"id": 12, "prompts": ["a"]}, "id: Input should be a valid string, got int"),
+])
+def test_no_type_coercion(data, expected):
+    with pytest.raises(ScriptError) as err:
+        parse_script(data)
+    assert expected in str(err.value)
+
+
+def test_int_seconds_are_numbers():
+    assert parse_script({"segments": [{"prompt": "a", "seconds": 2}]}).segments[0].seconds == 2.0
+
+
+@pytest.mark.parametrize("text, field", [
+    ('{"prompts": ["a fox \\ud83e"]}', "segments.0.prompt"),  # high surrogate without its pair
+    ('{"segments": [{"prompt": "\\udc00 fog", "seconds": 2}]}', "segments.0.prompt"),
+    ('{"id": "clip-\\ud800", "prompts": ["a fox"]}', "id"),
+])
+def test_lone_surrogates_are_not_text(text, field):
+    with pytest.raises(ScriptError) as err:
+        parse_script(text)
+    assert f"{field}: " in str(err.value) and "not valid Unicode text: lone surrogate" in str(err.value)
+    str(err.value).encode("utf-8")  # the message itself can be logged
+    assert parse_script('{"prompts": ["a fox \\ud83e\\udd8a"]}').segments[0].prompt == "a fox 🦊"  # a pair is fine
+
+
+def test_limits_reject_what_could_never_finish():
+    from memflow.config import PRESETS
+    from memflow.script import Limits
+
+    tiny = Limits.for_preset(PRESETS["tiny"])
+    cases = [
+        ({"segments": [{"prompt": "a", "seconds": 1e9}]}, "seconds: the segments add up to 1e+09 s, above this "
+                                                          "job's limit of 600 s"),
+        ({"prompts": ["a"] * 61}, "seconds: the segments add up to 610 s"),
+        ({"prompts": ["a"], "resolution": [2**70, 16]}, "resolution: 1180591620717411303424x16"),
+        ({"prompts": ["a"], "resolution": [480, 832]}, "above this job's limit of 16384 (4x the tiny preset's 64x64)"),
+        ({"prompts": ["a"], "fps": 100}, "fps: 100 is above this job's limit of 60"),
+    ]
+    for data, expected in cases:
+        with pytest.raises(ScriptError) as err:
+            parse_script(data, tiny)
+        assert expected in str(err.value)
+    assert parse_script({"prompts": ["a"], "resolution": [128, 128]}, tiny).resolution == (128, 128)
+    assert parse_script({"prompts": ["a"], "resolution": [480, 832]}).resolution == (480, 832)  # default limits
+    roomy = Limits.for_preset(PRESETS["tiny"], max_seconds=3600, max_pixels=480 * 832, max_fps=None)
+    assert parse_script({"prompts": ["a"] * 61, "resolution": [480, 832]}, roomy).plan().num_chunks > 0
+    assert roomy.max_fps == 60
