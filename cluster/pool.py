@@ -102,17 +102,17 @@ class ReplicaPool:
             return
         replica.state, replica.probe, replica.served, replica.kill_reason = UP, None, True, None
 
-    def lost(self, replica: Replica, err: Exception, oldest) -> None:
+    def lost(self, replica: Replica, err: Exception, victim) -> None:
         """A call failed. An actor error means the actor died (Ray restarts it): it gets
         no work until its probe answers. The first of its calls to come back from the
-        death names the victim: `oldest`, the call it was running."""
+        death names the victim: the call it was running (the scheduler's `_victim`)."""
         if replica.state == UP and isinstance(err, ray.exceptions.RayActorError):
-            replica.state, replica.victim = RESTARTING, oldest
+            replica.state, replica.victim = RESTARTING, victim
 
-    def restart(self, replica: Replica, reason: str) -> None:
+    def restart(self, replica: Replica, reason: str, victim) -> None:
         """Kill a replica that hangs; Ray restarts it and its calls fail (to be retried),
-        the one it hangs on with `reason`."""
-        replica.state, replica.victim, replica.kill_reason = RESTARTING, replica.inflight[0], reason
+        the one it hangs on (`victim`) with `reason`."""
+        replica.state, replica.victim, replica.kill_reason = RESTARTING, victim, reason
         ray.kill(replica.actor, no_restart=False)
 
     def settled(self, replica: Replica) -> None:

@@ -151,7 +151,7 @@ class GeneratorReplica:
     def render(self, script_json: dict, video_id: str, attempt: int) -> dict:
         """Render one script and commit it; returns its record. Two calls run at once:
         one generates while the other finishes (see the module docstring)."""
-        self._update(stage="check")
+        self._update()  # the status keeps naming the script generating, if one is
         if self.storage.exists(record_path(video_id)):
             return json.loads(self.storage.read_text(record_path(video_id)))
         script = Script.model_validate(script_json)
@@ -162,12 +162,15 @@ class GeneratorReplica:
                 GpuTurn(self._gpu, pipelined=self.config.pipelined) as turn:
             local = os.path.join(tmp, "video.mp4")
             t0 = time.perf_counter()
+            timeline = {"generate_start": time.time()}  # epoch seconds: when the GPU was this script's
             self._update(video=video_id, stage="generate", chunk=0, chunks=plan.num_chunks, encoded=0)
 
             def chunk_done(event):
                 self._progress(video_id, attempt, event)
+                if event.chunk + 1 == event.num_chunks:
+                    timeline["generate_end"] = time.time()
                 if turn.after_chunk(event):  # the GPU goes to the next script; this one finishes
-                    self._update(video=None, stage="idle", finishing=video_id)
+                    self._update(video=None, stage="idle", finishing=f"decode of {video_id}")
 
             try:
                 gen = self.generator.generate(
@@ -175,12 +178,14 @@ class GeneratorReplica:
                     frames_to=lambda frames: write_mp4(self._counted(meter.observe(frames)), local,
                                                        fps=script.fps, crf=self.config.crf))
                 t1 = time.perf_counter()
-                self._update(stage="upload" if not turn.held else self._status["stage"])
+                # the status's video/stage belong to the script generating; a finishing one has its own
+                self._update(**({"stage": "upload"} if turn.held else {"finishing": f"upload of {video_id}"}))
                 self.storage.upload_file(local, video_path(video_id))
                 if self.config.save_latents:
                     self.storage.write_bytes(latents_path(video_id), save({"latents": gen.latents.contiguous()}))
                 t2 = time.perf_counter()
-                record = build_record(self, script, gen, video_id, gen.decoded, attempt, meter.result(),
+                timeline["committed"] = time.time()
+                record = build_record(self, script, gen, video_id, gen.decoded, attempt, meter.result(), timeline,
                                       # decoding and encoding overlap generation: decode_encode_s is what
                                       # they took after the last chunk; generate_wall_s covers all three
                                       timings={"generate_s": gen.seconds, "decode_encode_s": gen.decode_tail_seconds,
@@ -258,7 +263,7 @@ def _hang_for_tests(video_id: str, attempt: int) -> None:
 
 
 def build_record(replica, script: Script, gen, video_id: str, frames: int, attempt: int, quality: dict,
-                 timings: dict) -> dict:
+                 timeline: dict, timings: dict) -> dict:
     """Everything a dataset user needs about one video, captions with frame ranges and
     quality metrics included (`quality`: memflow.quality.QualityMeter.result())."""
     plan = gen.plan
@@ -286,6 +291,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
                   "fingerprint": replica.generator.config_fingerprint},
         "timings": {**timings, "chunk_seconds": gen.chunk_seconds, "generation_fps": gen.generation_fps,
                     "peak_kv_bytes": gen.peak_memory_bytes},
+        "timeline": timeline,  # epoch seconds: generation's start and end, the commit (written just after)
         "replica": {"index": replica.index, "host": socket.gethostname(), "node_id": ctx.get_node_id(),
                     "actor_id": ctx.get_actor_id(), "device": str(replica.generator.device)},
         "attempts": attempt,

@@ -8,8 +8,9 @@ restarting (cluster/pool.py) and the stall watchdog's status polls
 (cluster/watchdog.py), with a timeout for the next poll: no sleeps.
 
 A failed call is retried on another replica when one has room, up to
-`max_attempts` in all. When a replica dies, only the call it was running (its
-oldest) uses up an attempt: the ones queued behind it never started. Scripts out
+`max_attempts` in all. When a replica dies, only the call it was running uses up an
+attempt (the script its status last named as generating, else its oldest call): the
+other was queued behind it, or was finishing a script it had generated already. Scripts out
 of attempts come back with their reasons. When work waits and no replica can
 ever take it (every one failed to start, or none came up within
 `start_timeout_s`), the scripts waiting for a retry come back failed and
@@ -115,7 +116,7 @@ class Scheduler:
                     self.watchdog.on_status(ref)
             if self.watchdog is not None:
                 for replica, why in self.watchdog.check([r for r in self.pool.up() if r.load]):
-                    self.pool.restart(replica, why)
+                    self.pool.restart(replica, why, self._victim(replica))
 
     def _hopeless(self, starved_since: float | None) -> str | None:
         """Why the waiting work can never be rendered, if it cannot."""
@@ -135,15 +136,23 @@ class Scheduler:
             timeouts.append(max(0.0, starved_since + self.start_timeout_s - self.clock()) + 0.01)
         return min(timeouts) if timeouts else None
 
+    def _victim(self, replica: Replica):
+        """The call a replica was running when it died or stalled. A pipelined replica runs
+        two (one script generating, the one before it finishing): the one its last status
+        names as generating, else its oldest."""
+        video = self.watchdog.generating(replica) if self.watchdog is not None else None
+        named = [ref for ref in replica.inflight if ref in self.pending and self.pending[ref][0].video_id == video]
+        return named[0] if named else replica.inflight[0]
+
     def _finished(self, ref, retry: deque) -> Iterator[tuple[Task, object | None]]:
+        victim = self._victim(self.pending[ref][1])
         task, replica = self.pending.pop(ref)
-        oldest = replica.inflight[0]
         replica.inflight.remove(ref)
         replica.load -= 1
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as err:
-            self.pool.lost(replica, err, oldest)
+            self.pool.lost(replica, err, victim)
             if self.watchdog is not None and replica.state != UP:
                 self.watchdog.forget(replica)
             if not isinstance(err, ray.exceptions.RayActorError):

@@ -68,8 +68,12 @@ class StallWatchdog:
                 where = f" at {seen.get('stage')} of {seen.get('video')}" if isinstance(seen, dict) else ""
                 stalled.append((replica, f"stalled: no progress for {now - since:.0f} s{where} "
                                          f"(limit {self.limit():.0f} s); replica restarted"))
-                self.last.pop(replica, None)
         return stalled
+
+    def generating(self, replica) -> str | None:
+        """The video the replica's last status named as generating."""
+        seen = self.last.get(replica, (None, 0))[0]
+        return seen.get("video") if isinstance(seen, dict) else None
 
     def forget(self, replica) -> None:
         self.last.pop(replica, None)

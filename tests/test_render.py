@@ -47,7 +47,7 @@ def test_cli_renders_and_summarises(tmp_path):
     assert run.returncode == 0, run.stderr
     frames = probe_mp4(out)["frames"]
     assert f"{frames} frames" in run.stdout and "FPS" in run.stdout
-    assert "(load" in run.stdout and "1 torch threads)" in run.stdout
+    assert "(load" in run.stdout and "1 torch threads," in run.stdout and "reference policy" in run.stdout
     bars = run.stderr.replace("\r", "\n")
     assert "chunk" in bars  # generation's progress bar
     # decoding and encoding have their own bar, over frames, that moves (not one frozen at 100%)
