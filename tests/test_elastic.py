@@ -10,6 +10,7 @@ import boto3
 import pytest
 import ray
 
+from cluster.replica import HANG_ENV
 from jobs import batch
 
 from .ray_cluster import LocalCluster, node_credentials
@@ -55,7 +56,11 @@ def test_pool_starts_with_one_node_grows_as_nodes_join_and_survives_a_lost_node(
     """Three replicas requested on a cluster with one GPU node: work starts at once on it.
     A second node joins and its replica gets work; that node is then lost mid-render
     (its replica and possibly a memory shard with it) and a third joins. Every script is
-    committed exactly once (one version of each record in a versioned bucket)."""
+    committed exactly once (one version of each record in a versioned bucket).
+
+    The joined node's renders hang after their first chunk (MEMFLOW_TEST_HANG in that node's
+    env), so the node is surely lost mid-render: a ~20-chunk tiny render can otherwise end in
+    the second it takes to poll the replicas and remove the node."""
     s3, bucket = versioned_bucket
     prefix = "run"
     scripts = long_scripts("elastic", 8)
@@ -66,9 +71,9 @@ def test_pool_starts_with_one_node_grows_as_nodes_join_and_survives_a_lost_node(
                     "--memory-shards", "2", "--in-flight", "1")
     driver.start()
     wait_for("the first commit, with one node up", lambda: record_versions(s3, bucket, prefix), driver=driver)
-    joined = ray_cluster.add_node(env=node_credentials())
+    joined = ray_cluster.add_node(env={**node_credentials(), HANG_ENV: ",".join(s["id"] for s in scripts)})
     busy = wait_for("the joined node's replica to render", lambda: next(
-        (s for s in replica_statuses() if s["node"] == joined.node_id and s["video"] and s["chunk"] >= 2), None),
+        (s for s in replica_statuses() if s["node"] == joined.node_id and s["video"] and s["chunk"] >= 1), None),
         driver=driver)
     ray_cluster.remove_node(joined)  # spot preemption: everything on it dies at once
     third = ray_cluster.add_node(env=node_credentials())
