@@ -91,7 +91,6 @@ class GeneratorReplica:
     def __init__(self, config: ReplicaConfig, shards: list[str] | None = None, index: int = 0):
         from memflow.config import get_preset
 
-        t0 = time.perf_counter()
         self.config, self.index = config, index
         self._lock = threading.Lock()
         self._gpu = threading.Lock()  # one script generates at a time (GpuTurn)
@@ -115,7 +114,6 @@ class GeneratorReplica:
         except Exception as e:
             raise ReplicaStartError(f"replica {index} could not start on {socket.gethostname()}: "
                                     f"{type(e).__name__}: {e}") from e
-        self.load_seconds = time.perf_counter() - t0
         self._chunks = metrics.Counter("memflow_chunks_generated", "latent chunks generated", tag_keys=("replica",))
         self._chunk_s = metrics.Histogram("memflow_chunk_seconds", "seconds per chunk",
                                           boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10], tag_keys=("replica",))

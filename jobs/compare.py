@@ -13,7 +13,6 @@ identical: PSNR infinite, latent difference 0, identical traces and metrics.
 from __future__ import annotations
 
 import heapq
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -225,16 +224,3 @@ def judge_suite(rows: list[dict], t: Thresholds) -> list[dict]:
         out.append({"metric": metric, "scripts": len(pairs), "baseline": b, "candidate": c, "change": c - b,
                     "limit": limit, "regressed": b - c > limit})
     return out
-
-
-def png(image: np.ndarray) -> bytes:
-    """A uint8 RGB array as PNG bytes (matplotlib's writer: no extra dependency)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    plt.imsave(buf, image, format="png")
-    return buf.getvalue()
-

@@ -64,7 +64,6 @@ class RenderResult:
     frames: int
     decode_seconds: float  # decoding and encoding that went on after the last chunk (they overlap generation)
     path: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class ChunkClock:

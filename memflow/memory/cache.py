@@ -65,17 +65,6 @@ class KVCache:
             t = self._constants[key] = make().to(self.k.device)
         return t
 
-    def copy_slots(self, src: list[int], dst: list[int]) -> None:
-        """For every block, copy keys and values of slots src to slots dst (they may overlap)."""
-        if not src:
-            return
-        key = ("copy", tuple(src), tuple(dst))
-        s = self.constant(key + ("s",), lambda: torch.tensor(src))
-        d = self.constant(key + ("d",), lambda: torch.tensor(dst))
-        for buf in (self.k, self.v):
-            frames = self.frames_view(buf)
-            frames.index_copy_(3, d, frames.index_select(3, s))
-
     def nbytes(self) -> int:
         if not self.allocated:
             return 0
