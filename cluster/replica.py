@@ -22,11 +22,14 @@ per replica), one script generates at a time (its turn on the GPU ends with its 
 chunk), and each script's frames are decoded, measured and encoded alongside its
 generation (memflow/chunkpipe.py). So while script i+1 generates, script i finishes
 decoding, encoding, uploading and commits; at most one finished script waits, and a
-failure while finishing (an upload) fails that script alone.
+failure while finishing (an upload) fails that script alone. Which script holds the GPU
+turn is posted to the GCS (`turn_holder`): when the replica dies, the driver charges
+that script, not the one finishing beside it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +40,7 @@ import time
 from dataclasses import dataclass
 
 import ray
+from ray.experimental import internal_kv
 from ray.util import metrics
 from safetensors.torch import save
 
@@ -47,6 +51,8 @@ from memflow.video import write_mp4
 
 from .memory_service import MemoryServiceClient
 from .storage import Storage
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = "memflow-replica-"  # + pid: a folder of a replica that is gone can be told apart
 HANG_ENV = "MEMFLOW_TEST_HANG"  # test-only fault injection, see _hang_for_tests
@@ -82,6 +88,29 @@ def latents_path(video_id: str) -> str:
     return f"latents/{video_id}.safetensors"
 
 
+TURNS_NAMESPACE = "memflow-gpu-turns"  # GCS key-value namespace: replica actor id -> video generating
+
+
+def post_turn(actor_id: str, video_id: str | None) -> None:
+    """Post (None: clear) the script holding this replica's GPU turn. Kept in the GCS, not
+    in the replica, because it is read when the replica's process has died. Best effort:
+    without it the driver charges a death to the replica's oldest call, never fails a render."""
+    try:
+        if video_id is None:
+            internal_kv._internal_kv_del(actor_id, namespace=TURNS_NAMESPACE)
+        else:
+            internal_kv._internal_kv_put(actor_id, video_id, namespace=TURNS_NAMESPACE)
+    except Exception as e:  # the GCS unreachable for a moment
+        log.warning("could not post the GPU turn of %s: %s", video_id, e)
+
+
+def turn_holder(actor) -> str | None:
+    """The script a replica actor (handle) was generating when last heard of, or None
+    when its GPU was idle or only finishing scripts (driver side, after a death or stall)."""
+    value = internal_kv._internal_kv_get(actor._actor_id.hex(), namespace=TURNS_NAMESPACE)
+    return value.decode() if value else None
+
+
 class ReplicaStartError(RuntimeError):
     """A replica could not start (no credentials on its node, weights missing, ...)."""
 
@@ -94,6 +123,8 @@ class GeneratorReplica:
         self.config, self.index = config, index
         self._lock = threading.Lock()
         self._gpu = threading.Lock()  # one script generates at a time (GpuTurn)
+        self._actor_id = ray.get_runtime_context().get_actor_id()
+        post_turn(self._actor_id, None)  # a turn the previous process held died with it
         # video/stage/chunk: the script generating; finishing: the one being decoded, encoded, uploaded
         self._status = {"replica": index, "node": ray.get_runtime_context().get_node_id(), "video": None,
                         "stage": "starting", "chunk": 0, "chunks": 0, "encoded": 0, "finishing": None,
@@ -157,7 +188,8 @@ class GeneratorReplica:
         meter = QualityMeter([(s.video_start, s.video_end, s.prompt) for s in plan.segments], script.fps,
                              clip=self.clip, dino=self.dino)
         with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp, \
-                GpuTurn(self._gpu, pipelined=self.config.pipelined) as turn:
+                GpuTurn(self._gpu, lambda vid: post_turn(self._actor_id, vid), video_id,
+                        pipelined=self.config.pipelined) as turn:
             local = os.path.join(tmp, "video.mp4")
             t0 = time.perf_counter()
             timeline = {"generate_start": time.time()}  # epoch seconds: when the GPU was this script's
@@ -199,14 +231,16 @@ class GeneratorReplica:
 class GpuTurn:
     """One script's turn to generate on a replica: taken before its first chunk and given
     back with its last one, so the next script generates while this one is decoded,
-    encoded and uploaded (`pipelined`); else held until the render ends (serial)."""
+    encoded and uploaded (`pipelined`); else held until the render ends (serial).
+    `post(video_id)` names the holder when taken, `post(None)` when given back."""
 
-    def __init__(self, lock: threading.Lock, pipelined: bool = True):
-        self.lock, self.pipelined, self.held = lock, pipelined, False
+    def __init__(self, lock: threading.Lock, post, video_id: str, pipelined: bool = True):
+        self.lock, self.post, self.video_id, self.pipelined, self.held = lock, post, video_id, pipelined, False
 
     def __enter__(self) -> "GpuTurn":
         self.lock.acquire()
         self.held = True
+        self.post(self.video_id)
         return self
 
     def after_chunk(self, event) -> bool:
@@ -219,6 +253,7 @@ class GpuTurn:
     def give_back(self) -> None:
         if self.held:
             self.held = False
+            self.post(None)
             self.lock.release()
 
     def __exit__(self, *exc) -> None:

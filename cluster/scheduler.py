@@ -9,8 +9,8 @@ restarting (cluster/pool.py) and the stall watchdog's status polls
 
 A failed call is retried on another replica when one has room, up to
 `max_attempts` in all. When a replica dies, only the call it was running uses up an
-attempt (the script its status last named as generating, else its oldest call): the
-other was queued behind it, or was finishing a script it had generated already. Scripts out
+attempt (the script holding its GPU turn, as `generating` tells, else its oldest call):
+the other was queued behind it, or was finishing a script it had generated already. Scripts out
 of attempts come back with their reasons. When work waits and no replica can
 ever take it (every one failed to start, or none came up within
 `start_timeout_s`), the scripts waiting for a retry come back failed and
@@ -52,12 +52,14 @@ def _reason(err: Exception) -> str:
 
 
 class Scheduler:
-    """`call(actor, task)` submits a task to a replica actor and returns its ref."""
+    """`call(actor, task)` submits a task to a replica actor and returns its ref;
+    `generating(actor)` names the video a replica was generating (cluster/replica.py
+    `turn_holder`), also after its death."""
 
     def __init__(self, pool: ReplicaPool, call: Callable, per_replica: int = 2, max_attempts: int = 3,
                  watchdog: StallWatchdog | None = None, start_timeout_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.pool, self.call = pool, call
+                 clock: Callable[[], float] = time.monotonic, generating: Callable | None = None):
+        self.pool, self.call, self.generating = pool, call, generating
         self.per_replica, self.max_attempts = per_replica, max_attempts
         self.watchdog, self.start_timeout_s, self.clock = watchdog, start_timeout_s, clock
         self.pending: dict = {}  # call ref -> (task, replica)
@@ -138,21 +140,24 @@ class Scheduler:
 
     def _victim(self, replica: Replica):
         """The call a replica was running when it died or stalled. A pipelined replica runs
-        two (one script generating, the one before it finishing): the one its last status
-        names as generating, else its oldest."""
-        video = self.watchdog.generating(replica) if self.watchdog is not None else None
+        two (one script generating, the one before it finishing): the one generating,
+        else its oldest."""
+        video = self.generating(replica.actor) if self.generating is not None else None
         named = [ref for ref in replica.inflight if ref in self.pending and self.pending[ref][0].video_id == video]
         return named[0] if named else replica.inflight[0]
 
-    def _finished(self, ref, retry: deque) -> Iterator[tuple[Task, object | None]]:
-        victim = self._victim(self.pending[ref][1])
-        task, replica = self.pending.pop(ref)
+    def _drop(self, ref, replica: Replica) -> None:
+        del self.pending[ref]
         replica.inflight.remove(ref)
         replica.load -= 1
+
+    def _finished(self, ref, retry: deque) -> Iterator[tuple[Task, object | None]]:
+        task, replica = self.pending[ref]
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as err:
-            self.pool.lost(replica, err, victim)
+            self.pool.lost(replica, err, self._victim(replica))  # while this call is still in flight
+            self._drop(ref, replica)
             if self.watchdog is not None and replica.state != UP:
                 self.watchdog.forget(replica)
             if not isinstance(err, ray.exceptions.RayActorError):
@@ -168,6 +173,7 @@ class Scheduler:
             else:
                 yield task, None
             return
+        self._drop(ref, replica)
         self.pool.settled(replica)
         if self.watchdog is not None:
             self.watchdog.progressed(replica)

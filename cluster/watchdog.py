@@ -70,11 +70,6 @@ class StallWatchdog:
                                          f"(limit {self.limit():.0f} s); replica restarted"))
         return stalled
 
-    def generating(self, replica) -> str | None:
-        """The video the replica's last status named as generating."""
-        seen = self.last.get(replica, (None, 0))[0]
-        return seen.get("video") if isinstance(seen, dict) else None
-
     def forget(self, replica) -> None:
         self.last.pop(replica, None)
 

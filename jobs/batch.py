@@ -49,7 +49,7 @@ from tqdm import tqdm  # noqa: E402
 from cluster.dataset import compact  # noqa: E402
 from cluster.memory_service import shard_names, start_shards  # noqa: E402
 from cluster.pool import ReplicaPool, capacity  # noqa: E402
-from cluster.replica import GeneratorReplica, ReplicaConfig, record_path, replica_options  # noqa: E402
+from cluster.replica import GeneratorReplica, ReplicaConfig, record_path, replica_options, turn_holder  # noqa: E402
 from cluster.scheduler import NoReplica, Scheduler, Task  # noqa: E402
 from cluster.storage import Storage, s3_endpoint, storage_options  # noqa: E402
 from cluster.watchdog import StallWatchdog  # noqa: E402
@@ -351,7 +351,7 @@ class BatchJob:
         watchdog = StallWatchdog(lambda r: r.actor.status.remote(), limit_s=args.stall_timeout)
         return Scheduler(self.pool, lambda actor, t: actor.render.remote(t.script, t.video_id, t.attempts),
                          per_replica=args.in_flight, max_attempts=args.max_attempts, watchdog=watchdog,
-                         start_timeout_s=args.start_timeout)
+                         start_timeout_s=args.start_timeout, generating=turn_holder)
 
     def _tasks(self, items):
         seen = SeenIds()

@@ -7,6 +7,7 @@ import pytest
 import ray
 
 from cluster.pool import GONE, ReplicaPool
+from cluster.replica import post_turn, turn_holder
 from cluster.scheduler import NoReplica, Scheduler, Task
 from cluster.watchdog import StallWatchdog
 
@@ -61,6 +62,37 @@ def test_queued_scripts_keep_their_attempts_when_the_replica_dies(ray_client):
     results = dict((t.video_id, (t, r)) for t, r in schedule(["die", "a"], pool, per_replica=2, max_attempts=1))
     assert results["a"][1] == "A" and results["a"][0].attempts == 1
     assert results["die"][1] is None and results["die"][0].attempts == 1
+    pool.close()
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)
+class Pipelined:
+    """Two calls at once, as a pipelined replica: "slow" finishes (no GPU turn) while "die"
+    takes the GPU turn, posts it as GeneratorReplica does, and kills the process."""
+
+    def render(self, script: str) -> str:
+        if script == "die":
+            time.sleep(0.5)  # "slow", submitted first, is running by now
+            post_turn(ray.get_runtime_context().get_actor_id(), script)
+            os._exit(1)
+        time.sleep(2 if script == "slow" else 0)
+        return script.upper()
+
+    def status(self) -> dict:
+        return {}
+
+
+def test_a_death_is_charged_to_the_script_generating_not_the_one_finishing(ray_client):
+    """One pipelined replica, both calls started: "slow" (submitted first) was finishing when
+    "die", holding the GPU turn, killed the process. Only "die" uses up its one attempt;
+    charging the oldest call would fail "slow" instead."""
+    pool = ReplicaPool(lambda i: Pipelined.remote(), probe, size=1, max_starts=2)
+    tasks = (Task(n, n, i) for i, n in enumerate(["slow", "die"]))
+    scheduler = Scheduler(pool, lambda a, t: a.render.remote(t.script), per_replica=2, max_attempts=1,
+                          generating=turn_holder)
+    results = {t.video_id: (t, r) for t, r in scheduler.run(tasks)}
+    assert results["slow"][1] == "SLOW" and results["slow"][0].attempts == 1
+    assert results["die"][1] is None and results["die"][0].attempts == 1 and len(results["die"][0].errors) == 1
     pool.close()
 
 
