@@ -28,7 +28,8 @@ if str(REPO) not in sys.path:
 
 import ray  # noqa: E402
 
-from cluster.replica import GeneratorReplica, ReplicaConfig  # noqa: E402
+from cluster.replica import GeneratorReplica  # noqa: E402
+from cluster.settings import ReplicaSettings  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     output = args.output or tempfile.mkdtemp(prefix="memflow-replica-bench-")
     gpu = {"num_gpus": 1} if args.device == "cuda" else {"num_gpus": 0}
     replicas = {mode: GeneratorReplica.options(num_cpus=1, **gpu).remote(
-        ReplicaConfig(output=os.path.join(output, mode), preset=args.preset, device=args.device,
+        ReplicaSettings(output=os.path.join(output, mode), preset=args.preset, device=args.device,
                       pipelined=mode == "pipelined"), None, 0) for mode in ("pipelined", "serial")}
     ray.get([r.status.remote() for r in replicas.values()])  # both loaded
     half = args.seconds / 2
@@ -59,7 +60,7 @@ def main() -> None:
                        for i in range(args.scripts)]
             t0 = time.perf_counter()
             # two in flight, as the batch scheduler keeps them; the serial replica runs them one by one
-            ray.get([replicas[mode].render.remote(s, s["id"], 1) for s in scripts])
+            ray.get([replicas[mode].render.remote({"script": s}, s["id"], 1) for s in scripts])
             wall = time.perf_counter() - t0
             if rnd:
                 per_hour[mode].append(args.scripts / wall * 3600)

@@ -34,13 +34,14 @@ class SleepReplica:
     def __init__(self, seconds: float):
         self.seconds, self.busy, self.first, self.last = seconds, 0.0, None, None
 
-    def render(self, script: dict, video_id: str, attempt: int) -> dict:
+    def render(self, job: dict, video_id: str, attempt: int) -> dict:
         t0 = time.time()
         self.first = self.first or t0
         time.sleep(self.seconds)  # the stand-in for a minute-long render
         self.last = time.time()
         self.busy += self.last - t0
-        return {"num_frames": 1}
+        return {"records": [{"id": video_id, "num_frames": 1, "num_chunks": 1}],
+                "chunks": {"generated": 1, "replayed": 0}}
 
     def stats(self) -> tuple:
         return self.busy, self.first, self.last

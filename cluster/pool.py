@@ -22,17 +22,30 @@ Each replica is in one state:
 When the work runs out, replicas still joining are retired (their pending demand
 would make the autoscaler add nodes for nothing), and idle replicas beyond
 `keep` are released so the autoscaler can take their nodes back.
+
+The pool alone changes a replica's state, and it alone decides which script a death or
+a stall is charged to (`charged`): the one holding the replica's GPU turn, which the
+replica posts to the GCS as it takes the turn (cluster/replica.py `turn_holder`), else
+its oldest call. And it judges why a replica died (`verdict`): its node lost (the
+cluster's failure) or its process on a live node (a replica death). Both first show as
+the actor unreachable; Ray declares a lost node dead only after missing its heartbeats
+(about 15 s by default), so a death is judged once the node is declared dead, or once
+the replica is serving again with its node alive, or after `death_grace_s`. The
+scheduler keeps only its calls in flight, and tells the pool of the events it sees.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
 import yaml
+
+from .faults import CLUSTER, DEATH
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +58,31 @@ class Replica:
     actor: Any
     state: str = JOINING
     probe: Any = None  # ref that resolves once the actor serves (joining, restarting once settled)
-    load: int = 0  # calls submitted and not yet answered
-    inflight: list = field(default_factory=list)  # their refs, oldest first (Ray runs them in order)
     starts: int = 1  # actors created for this slot
     served: bool = False  # has been up at least once
     error: str | None = None  # why it is gone
-    kill_reason: str | None = None  # set when the pool restarts it on purpose
-    victim: Any = None  # the call it was running when it last died
+    charge: "Charge | None" = None  # the script its last death or restart is charged to, until it is
+    node: str | None = None  # the node it last served on
+    up_since: float = 0.0  # when it last came up
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A death or stall of a replica, charged to the script it was generating. `reason`:
+    the watchdog's for a stall; None for a death, to be judged (`ReplicaPool.verdict`)."""
+
+    video_id: str
+    reason: str | None
+    replica: "Replica"
+    node: str | None  # where it died
+    at: float  # when
+    error: str = ""  # what Ray said
+    preempted: bool = False  # Ray says its node was drained or preempted
+
+    def describe(self, verdict: str) -> str:
+        if verdict == CLUSTER:
+            return f"node {str(self.node)[:12]} lost under replica {self.replica.index} ({self.error})"
+        return f"replica {self.replica.index} died on a live node while rendering it ({self.error})"
 
 
 def _last_line(err: Exception) -> str:
@@ -62,12 +93,16 @@ def _last_line(err: Exception) -> str:
 
 class ReplicaPool:
     """`spawn(index)` creates a replica actor; `probe(actor)` returns a ref that resolves
-    when the actor serves, waiting out its creation or restart, and fails if it is dead."""
+    when the actor serves, waiting out its creation or restart, and fails if it is dead;
+    `generating(actor)` names the script holding its GPU turn, also after its death."""
 
     def __init__(self, spawn: Callable[[int], Any], probe: Callable[[Any], Any], size: int, keep: int = 1,
-                 max_starts: int = 3):
-        self.spawn, self._probe = spawn, probe
+                 max_starts: int = 3, generating: Callable[[Any], str | None] | None = None,
+                 death_grace_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.spawn, self._probe, self.generating = spawn, probe, generating
         self.keep, self.max_starts = keep, max_starts
+        self.death_grace_s, self.clock = death_grace_s, clock
+        self._nodes: tuple[float, dict] = (-1.0, {})  # (when read, node id -> alive)
         self.replicas = [self._join(Replica(i, spawn(i))) for i in range(size)]
 
     def _join(self, replica: Replica) -> Replica:
@@ -92,42 +127,81 @@ class ReplicaPool:
             return "no replica could serve: " + "; ".join(errors)
         return f"no replica came up ({waiting} waiting for a node that fits them)"
 
+    def charged(self, replica: Replica, video_id: str) -> Charge | None:
+        """Whether this failed call of `video_id` pays for the replica's death or stall (once)."""
+        charge = replica.charge
+        if charge is None or charge.video_id != video_id:
+            return None
+        replica.charge = None
+        return charge
+
+    def verdict(self, charge: Charge) -> str | None:
+        """Why a replica died: CLUSTER (its node is declared dead), DEATH (its process died on
+        a node that is alive: it serves again there, or `death_grace_s` went by), or None
+        while that is not known yet."""
+        back = charge.replica.state == UP and charge.replica.up_since > charge.at
+        if charge.preempted or self._alive(charge.node, fresh=back) is False:
+            return CLUSTER
+        if back or self.clock() - charge.at > self.death_grace_s:
+            return DEATH
+        return None
+
+    def _alive(self, node: str | None, fresh: bool = False) -> bool | None:
+        """Whether the GCS holds `node` alive (read at most once a second unless `fresh`);
+        None if unknown."""
+        if node is None:
+            return None
+        read, alive = self._nodes
+        if fresh or self.clock() - read > 1.0:
+            try:
+                alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+            except Exception:  # the GCS unreachable for a moment: ask again next time
+                return None
+            self._nodes = (self.clock(), alive)
+        return alive.get(node)
+
     # -- events -------------------------------------------------------------------------------
     def on_probe(self, replica: Replica) -> None:
         """The replica's probe resolved: it serves now, or it is dead for good."""
         try:
-            ray.get(replica.probe)
+            status = ray.get(replica.probe)
         except ray.exceptions.RayError as err:
             self._dead(replica, err)
             return
-        replica.state, replica.probe, replica.served, replica.kill_reason = UP, None, True, None
+        replica.state, replica.probe, replica.served, replica.up_since = UP, None, True, self.clock()
+        replica.node = status.get("node", replica.node) if isinstance(status, dict) else replica.node
 
-    def lost(self, replica: Replica, err: Exception, victim) -> None:
-        """A call failed. An actor error means the actor died (Ray restarts it): it gets
-        no work until its probe answers. The first of its calls to come back from the
-        death names the victim: the call it was running (the scheduler's `_victim`)."""
+    def lost(self, replica: Replica, err: Exception, videos: list[str]) -> None:
+        """A call failed; `videos`: the scripts of its calls still in flight, this one
+        included, oldest first. An actor error means the actor died (Ray restarts it): it
+        gets no work until its probe answers, and the death is charged to the script it
+        was generating."""
         if replica.state == UP and isinstance(err, ray.exceptions.RayActorError):
-            replica.state, replica.victim = RESTARTING, victim
+            error = " ".join(str(err).split())[:160]
+            replica.state = RESTARTING
+            replica.charge = Charge(self._generating(replica, videos), None, replica, replica.node, self.clock(), error,
+                                    preempted=bool(getattr(err, "preempted", False)))
 
-    def restart(self, replica: Replica, reason: str, victim) -> None:
-        """Kill a replica that hangs; Ray restarts it and its calls fail (to be retried),
-        the one it hangs on (`victim`) with `reason`."""
-        replica.state, replica.victim, replica.kill_reason = RESTARTING, victim, reason
+    def restart(self, replica: Replica, reason: str, videos: list[str]) -> None:
+        """Kill a replica that hangs; Ray restarts it and its calls fail (to be retried), the
+        script it hangs on charged with `reason`."""
+        replica.state = RESTARTING
+        replica.charge = Charge(self._generating(replica, videos), reason, replica, replica.node, self.clock())
         ray.kill(replica.actor, no_restart=False)
 
-    def settled(self, replica: Replica) -> None:
+    def settled(self, replica: Replica, calls_left: int) -> None:
         """One of its calls came back; once a restarting replica has none left, probe it."""
-        if replica.state == RESTARTING and replica.probe is None and replica.load == 0:
+        if replica.state == RESTARTING and replica.probe is None and calls_left == 0:
             self._join(replica)
 
-    def retire_unneeded(self) -> None:
+    def retire_unneeded(self, busy: set[Replica]) -> None:
         """No work is left to hand out: cancel replicas still waiting for a node, and
         release idle ones beyond `keep`."""
         for r in self.replicas:
             if r.state == JOINING:
                 self._retire(r, "not needed: the work ran out before it came up")
         serving = [r for r in self.replicas if r.state in (UP, RESTARTING)]
-        for r in [r for r in serving if r.state == UP and r.load == 0][: max(0, len(serving) - self.keep)]:
+        for r in [r for r in serving if r.state == UP and r not in busy][: max(0, len(serving) - self.keep)]:
             self._retire(r, "released: the work ran out")
 
     def close(self) -> None:
@@ -135,6 +209,12 @@ class ReplicaPool:
             ray.kill(r.actor)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _generating(self, replica: Replica, videos: list[str]) -> str:
+        """The script a replica was generating when it died or stalled: a pipelined replica
+        runs two (one generating, the one before it finishing)."""
+        video = self.generating(replica.actor) if self.generating is not None else None
+        return video if video in videos else videos[0]
+
     def _dead(self, replica: Replica, err: Exception) -> None:
         init_failed = getattr(err, "actor_init_failed", False)
         if replica.served and not init_failed and replica.starts < self.max_starts:

@@ -37,43 +37,32 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import ray
+import torch
 from ray.experimental import internal_kv
 from ray.util import metrics
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from memflow.pipeline import MemFlowGenerator
 from memflow.quality import QualityMeter, load_clip, load_dino
-from memflow.script import Script, content_hash
-from memflow.video import write_mp4
+from memflow.script import Script, canonical, content_hash
+from memflow.tree import Known, TreeRender, videos_of
+from memflow.video import Mp4Writer
 
+from .checkpoint import Checkpoints
 from .memory_service import MemoryServiceClient
-from .storage import Storage
+from .settings import ReplicaSettings
+from .storage import Storage, read_url
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = "memflow-replica-"  # + pid: a folder of a replica that is gone can be told apart
-HANG_ENV = "MEMFLOW_TEST_HANG"  # test-only fault injection, see _hang_for_tests
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    output: str
-    preset: str = "tiny"
-    model: str | None = None
-    memory: str = "nam"
-    fidelity: str = "reference"  # the memory policy (memflow/memory/policy.py)
-    endpoint_url: str | None = None  # the driver's resolved S3 endpoint (not a credential)
-    device: str | None = None
-    save_latents: bool = False  # latents/<id>.safetensors too (regression runs compare them)
-    crf: int = 18  # H.264 quality; 0 is lossless, the only setting whose pixels are reproducible run to run
-    clip_model: str | None = None  # CLIP folder/URL (HF layout): CLIP score, background consistency
-    dino_model: str | None = None  # DINO folder/URL (HF layout): subject consistency
-    compile: str = "auto"  # torch.compile the blocks: auto (on GPUs), on, off
-    attention: str = "auto"  # SDPA kernel (memflow/attention.py)
-    pipelined: bool = True  # overlap one script's finishing with the next one's generation
+# test-only fault injection, see _faults_for_tests
+HANG_ENV, CRASH_ENV, RAISE_ENV = "MEMFLOW_TEST_HANG", "MEMFLOW_TEST_CRASH", "MEMFLOW_TEST_RAISE"
 
 
 def record_path(video_id: str) -> str:
@@ -115,29 +104,85 @@ class ReplicaStartError(RuntimeError):
     """A replica could not start (no credentials on its node, weights missing, ...)."""
 
 
+Stage = Literal["starting", "idle", "generate", "upload"]
+
+
+@dataclass
+class ReplicaStatus:
+    """What a replica is doing (`status()`), read by the stall watchdog: `ticks` moves with
+    every change. video/stage/chunk belong to the script generating; `finishing` names the
+    one being decoded, encoded or uploaded beside it."""
+
+    replica: int
+    node: str
+    video: str | None = None
+    stage: Stage = "starting"
+    chunk: int = 0
+    chunks: int = 0
+    encoded: int = 0
+    finishing: str | None = None
+    ticks: int = 0
+    slowest_chunk_s: float = 0.0
+    storage_retries: int = 0
+
+
+@dataclass
+class Timeline:
+    """Epoch seconds: when the GPU was this story's, and when each of its videos committed."""
+
+    generate_start: float
+    generate_end: float | None = None
+
+
+@dataclass
+class Render:
+    """One story (a script, or every node of a tree) on its way through a replica: it
+    generates, each video finishes (upload, latents) and commits as its last run ends."""
+
+    video_id: str  # the story's root: the scheduler's task
+    attempt: int
+    tmp: str
+    timeline: Timeline
+    started: float  # perf_counter at the GPU turn
+    parent: dict | None  # the video it continues: {"id", "script", "root", "latents"}
+    history: dict  # what its earlier renders cost (cluster/scheduler.py Task.history)
+    meters: dict = field(default_factory=dict)  # video id -> QualityMeter
+
+
+class _Sink:
+    """A video's frames: measured, encoded to a local mp4, counted for the watchdog."""
+
+    def __init__(self, path: str, fps: int, crf: int, meter: QualityMeter, tick):
+        self.writer, self.meter, self.tick = Mp4Writer(path, fps, crf), meter, tick
+
+    def write(self, frame) -> None:
+        self.meter.add(frame)
+        self.writer.write(frame)
+        self.tick(self.writer.count)
+
+    def close(self) -> int:
+        self.meter.finish()
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"status": 1, "render": 2})
 class GeneratorReplica:
-    def __init__(self, config: ReplicaConfig, shards: list[str] | None = None, index: int = 0):
-        from memflow.config import get_preset
-
+    def __init__(self, config: ReplicaSettings, shards: list[str] | None = None, index: int = 0):
         self.config, self.index = config, index
         self._lock = threading.Lock()
-        self._gpu = threading.Lock()  # one script generates at a time (GpuTurn)
+        self._gpu = threading.Lock()  # one story generates at a time (GpuTurn)
         self._actor_id = ray.get_runtime_context().get_actor_id()
         post_turn(self._actor_id, None)  # a turn the previous process held died with it
-        # video/stage/chunk: the script generating; finishing: the one being decoded, encoded, uploaded
-        self._status = {"replica": index, "node": ray.get_runtime_context().get_node_id(), "video": None,
-                        "stage": "starting", "chunk": 0, "chunks": 0, "encoded": 0, "finishing": None,
-                        "ticks": 0, "slowest_chunk_s": 0.0, "storage_retries": 0}
+        self._status = ReplicaStatus(index, ray.get_runtime_context().get_node_id())
         clean_stale_tmp()
         try:
             self.storage = Storage(config.output, config.endpoint_url)
-            self.storage.on_retry = lambda: self._update(storage_retries=self._status["storage_retries"] + 1)
+            self.storage.on_retry = lambda: self._update(storage_retries=self._status.storage_retries + 1)
             self.storage.exists("records")  # fail here, once, when this node cannot reach the output
-            preset = get_preset(config.preset).with_memory(mode=config.memory, fidelity=config.fidelity)
-            self.generator = MemFlowGenerator.from_preset(
-                preset, model=config.model, device=config.device, attention=config.attention,
-                compile={"auto": None, "on": True, "off": False}[config.compile])
+            self.generator = MemFlowGenerator.from_settings(config)
             device = self.generator.device
             self.clip = load_clip(config.clip_model, device) if config.clip_model else None
             self.dino = load_dino(config.dino_model, device) if config.dino_model else None
@@ -154,78 +199,138 @@ class GeneratorReplica:
     def status(self) -> dict:
         """What this replica is doing now (answers while a render runs)."""
         with self._lock:
-            return dict(self._status)
+            return asdict(self._status)
 
     def _update(self, **changes) -> None:
         """Change the status; every change is progress for the stall watchdog."""
         with self._lock:
-            self._status.update(changes)
-            self._status["ticks"] += 1
-
-    def _progress(self, video_id: str, attempt: int, event) -> None:
-        tags = {"replica": str(self.index)}
-        self._chunks.inc(1, tags)
-        self._chunk_s.observe(event.seconds, tags)
-        self._update(chunk=event.chunk + 1, chunks=event.num_chunks,
-                     slowest_chunk_s=max(self._status["slowest_chunk_s"], event.seconds))
-        if event.chunk == 0:
-            _hang_for_tests(video_id, attempt)
-
-    def _counted(self, frames):
-        for n, frame in enumerate(frames, 1):
-            yield frame
-            self._update(encoded=n)
+            for name, value in changes.items():
+                setattr(self._status, name, value)
+            self._status.ticks += 1
 
     @ray.method(concurrency_group="render")
-    def render(self, script_json: dict, video_id: str, attempt: int) -> dict:
-        """Render one script and commit it; returns its record. Two calls run at once:
+    def render(self, job: dict, video_id: str, attempt: int) -> dict:
+        """Render a story and commit each of its videos; returns {"records": [...], "chunks":
+        {"generated": n, "replayed": n}}. `job`: {"script": the resolved script (maybe with
+        branches), "parent": the video it continues or None}. Videos committed already
+        (by an attempt that died after committing them) are skipped. Two calls run at once:
         one generates while the other finishes (see the module docstring)."""
-        self._update()  # the status keeps naming the script generating, if one is
-        if self.storage.exists(record_path(video_id)):
-            return json.loads(self.storage.read_text(record_path(video_id)))
-        script = Script.model_validate(script_json)
-        plan = script.plan(self.generator.memory.frames_per_chunk)
-        meter = QualityMeter([(s.video_start, s.video_end, s.prompt) for s in plan.segments], script.fps,
-                             clip=self.clip, dino=self.dino)
+        self._update()  # the status keeps naming the story generating, if one is
+        script = Script.model_validate(job["script"])
+        nodes = [n for n in script.nodes() if n.video]
+        done = {n.video_id: record for n in nodes if (record := self._committed(n.video_id)) is not None}
+        if len(done) == len(nodes):
+            return {"records": list(done.values()), "chunks": {"generated": 0, "replayed": 0}}
+        videos = videos_of(self.generator, script, skip=set(done))
+        parent = job.get("parent")
+        known = {}
+        if parent is not None:  # the root continues a video: its chunks are the parent's
+            keys = self.generator.chunk_keys(Script.model_validate(parent["script"]))
+            for video in (v for v in videos if v.node.parent is None):
+                video.parent_keys = keys
+            known = self._parent_latents(parent, keys)
+        checkpoints = Checkpoints(self.storage, video_id, self.config.checkpoint_seconds)
+        known.update(checkpoints.load())
         with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp, \
                 GpuTurn(self._gpu, lambda vid: post_turn(self._actor_id, vid), video_id,
-                        pipelined=self.config.pipelined) as turn:
-            local = os.path.join(tmp, "video.mp4")
-            t0 = time.perf_counter()
-            timeline = {"generate_start": time.time()}  # epoch seconds: when the GPU was this script's
-            self._update(video=video_id, stage="generate", chunk=0, chunks=plan.num_chunks, encoded=0)
-
-            def chunk_done(event):
-                self._progress(video_id, attempt, event)
-                if event.chunk + 1 == event.num_chunks:
-                    timeline["generate_end"] = time.time()
-                if turn.after_chunk(event):  # the GPU goes to the next script; this one finishes
-                    self._update(video=None, stage="idle", finishing=f"decode of {video_id}")
-
+                        pipelined=self.config.pipelined) as turn, \
+                ThreadPoolExecutor(1, thread_name_prefix="memflow-finish") as finisher:
+            run = Render(video_id, attempt, tmp, Timeline(time.time()), time.perf_counter(), parent,
+                         job.get("history") or {})
+            finishing: list[Future] = []
             try:
-                gen = self.generator.generate(
-                    script, video_id=video_id, ranker=self.ranker, on_chunk=chunk_done,
-                    frames_to=lambda frames: write_mp4(self._counted(meter.observe(frames)), local,
-                                                       fps=script.fps, crf=self.config.crf))
-                t1 = time.perf_counter()
-                # the status's video/stage belong to the script generating; a finishing one has its own
-                self._update(**({"stage": "upload"} if turn.held else {"finishing": f"upload of {video_id}"}))
-                self.storage.upload_file(local, video_path(video_id))
-                if self.config.save_latents:
-                    self.storage.write_bytes(latents_path(video_id), save({"latents": gen.latents.contiguous()}))
-                t2 = time.perf_counter()
-                timeline["committed"] = time.time()
-                record = build_record(self, script, gen, video_id, gen.decoded, attempt, meter.result(), timeline,
-                                      # decoding and encoding overlap generation: decode_encode_s is what
-                                      # they took after the last chunk; generate_wall_s covers all three
-                                      timings={"generate_s": gen.seconds, "decode_encode_s": gen.decode_tail_seconds,
-                                               "generate_wall_s": t1 - t0, "upload_s": t2 - t1})
-                self.storage.write_json(record_path(video_id), record)  # the commit
-                return record
+                chunks = self._generate(run, turn, videos, known, checkpoints,
+                                        lambda v, g: finishing.append(finisher.submit(self._finish, run, turn, v, g)))
+                records = [f.result() for f in finishing]
             finally:
+                checkpoints.wait()
                 if turn.held:
                     self._update(video=None, stage="idle")
                 self._update(finishing=None)
+        checkpoints.delete()
+        return {"records": [*done.values(), *records], "chunks": chunks}
+
+    def _committed(self, video_id: str) -> dict | None:
+        if not self.storage.exists(record_path(video_id)):
+            return None
+        return json.loads(self.storage.read_text(record_path(video_id)))
+
+    def _parent_latents(self, parent: dict, keys: list[str]) -> dict[str, Known]:
+        """The saved latents of the video a story continues, by its chunk keys: its chunks
+        are replayed, not generated (none if it kept no latents, or they do not fit its script)."""
+        if not parent.get("latents"):
+            return {}
+        try:
+            latents = load(read_url(parent["latents"], self.config.endpoint_url))["latents"]
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            log.warning("the latents of %s cannot be used (%s): its story is generated again", parent["id"], e)
+            return {}
+        fpc = self.generator.memory.frames_per_chunk
+        if latents.shape[2] != len(keys) * fpc:
+            log.warning("the latents of %s hold %d frames, its script %d chunks: generated again", parent["id"],
+                        latents.shape[2], len(keys))
+            return {}
+        return {key: Known(x, "replayed") for key, x in zip(keys, latents.split(fpc, dim=2))}
+
+    # -- the stages of a render ----------------------------------------------------------------
+    def _generate(self, run: Render, turn: "GpuTurn", videos: list, known: dict, checkpoints: Checkpoints,
+                  on_video) -> dict:
+        """Generate (or replay) every chunk of the story, each decoded, measured and encoded
+        alongside; the GPU turn goes to the next story with the last chunk."""
+        tree = TreeRender(self.generator, videos, open_video=lambda v: self._open_video(run, v), on_video=on_video,
+                          on_chunk=lambda e, key, x: self._chunk_done(run, turn, checkpoints, e, key, x),
+                          known=known.get, ranker=self.ranker, stream_id=run.video_id, spool_dir=run.tmp)
+        self._update(video=run.video_id, stage="generate", chunk=0, chunks=tree.total, encoded=0)
+        return tree.render()
+
+    def _open_video(self, run: Render, video) -> _Sink:
+        script = video.node.script
+        plan = script.plan(self.generator.memory.frames_per_chunk)
+        meter = run.meters[video.video_id] = QualityMeter(
+            [(s.video_start, s.video_end, s.prompt) for s in plan.segments], script.fps, clip=self.clip, dino=self.dino)
+        return _Sink(os.path.join(run.tmp, f"{video.video_id}.mp4"), script.fps, self.config.crf, meter,
+                     lambda n: self._update(encoded=n))
+
+    def _chunk_done(self, run: Render, turn: "GpuTurn", checkpoints: Checkpoints, event, key, latents) -> None:
+        tags = {"replica": str(self.index)}
+        if not event.replayed:
+            self._chunks.inc(1, tags)
+            self._chunk_s.observe(event.seconds, tags)
+            checkpoints.add(key, latents)
+        self._update(chunk=event.chunk + 1, chunks=event.num_chunks,
+                     slowest_chunk_s=max(self._status.slowest_chunk_s, event.seconds))
+        if event.chunk == 0:
+            _faults_for_tests(run.video_id, run.attempt)
+        if event.chunk + 1 == event.num_chunks:
+            run.timeline.generate_end = time.time()
+        if turn.after_chunk(event):  # the GPU goes to the next story; this one finishes
+            self._update(video=None, stage="idle", finishing=f"decode of {run.video_id}")
+
+    def _finish(self, run: Render, turn: "GpuTurn", video, gen) -> dict:
+        """Upload one video (and its latents), then commit it (the finishing thread)."""
+        vid = video.video_id
+        generated = time.perf_counter()
+        # the status's video/stage belong to the story generating; a finishing one has its own
+        self._update(**({"stage": "upload"} if turn.held and run.timeline.generate_end else
+                        {"finishing": f"upload of {vid}"}))
+        self.storage.upload_file(os.path.join(run.tmp, f"{vid}.mp4"), video_path(vid))
+        if self.config.save_latents:
+            self.storage.write_bytes(latents_path(vid), save({"latents": gen.latents.contiguous()}))
+        uploaded = time.perf_counter()
+        return self._commit(run, video, gen, {"generate_s": gen.seconds, "decode_encode_s": gen.decode_tail_seconds,
+                                              "generate_wall_s": generated - run.started,
+                                              "upload_s": uploaded - generated})
+
+    def _commit(self, run: Render, video, gen, timings: dict) -> dict:
+        """Write the record, the commit marker: last, after everything it points to."""
+        node, continued = video.node, run.parent or {}  # a continuation's tree belongs to its parent's story
+        story = {"root": continued.get("root") or run.video_id, "parent": node.parent or continued.get("id"),
+                 **gen.story}
+        timeline = {**asdict(run.timeline), "committed": time.time()}
+        record = build_record(self, node.script, gen, node.video_id, gen.decoded, run.attempt,
+                              run.meters[node.video_id].result(), timeline, timings, story, run.history)
+        self.storage.write_json(record_path(node.video_id), record)
+        return record
 
 
 class GpuTurn:
@@ -283,22 +388,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _hang_for_tests(video_id: str, attempt: int) -> None:
-    """Test-only fault injection: with MEMFLOW_TEST_HANG="<video id>[:<attempts>],..." in a
-    replica's environment (a node's env, or a job's runtime_env), the render of that video
-    hangs after its first chunk, as on a stuck CUDA call, on every attempt or on the first
-    <attempts> ones. The tests and benchmarks/chaos.py use it to exercise the stall watchdog."""
-    for entry in filter(None, os.environ.get(HANG_ENV, "").split(",")):
-        vid, _, attempts = entry.partition(":")
-        if vid == video_id and (not attempts or attempt <= int(attempts)):
-            while True:
-                time.sleep(3600)
+def _faults_for_tests(video_id: str, attempt: int) -> None:
+    """Test-only fault injection, after a render's first chunk, for the videos that a
+    replica's environment names (a node's env, or a job's runtime_env) as
+    "<video id>[:<attempts>],...": on every attempt, or on the first <attempts> ones.
+    MEMFLOW_TEST_HANG hangs, as on a stuck CUDA call (the stall watchdog);
+    MEMFLOW_TEST_CRASH kills the replica's process, as a poison script that exhausts it
+    would (replica deaths); MEMFLOW_TEST_RAISE raises, as a script that cannot be
+    rendered (its own failure). The tests and benchmarks/chaos.py use them."""
+    def named(env: str) -> bool:
+        for entry in filter(None, os.environ.get(env, "").split(",")):
+            vid, _, attempts = entry.partition(":")
+            if vid == video_id and (not attempts or attempt <= int(attempts)):
+                return True
+        return False
+
+    if named(CRASH_ENV):
+        os._exit(13)
+    if named(RAISE_ENV):
+        raise RuntimeError(f"{RAISE_ENV}: {video_id} fails here on purpose")
+    while named(HANG_ENV):
+        time.sleep(3600)
 
 
 def build_record(replica, script: Script, gen, video_id: str, frames: int, attempt: int, quality: dict,
-                 timeline: dict, timings: dict) -> dict:
+                 timeline: dict, timings: dict, story: dict, history: dict) -> dict:
     """Everything a dataset user needs about one video, captions with frame ranges and
-    quality metrics included (`quality`: memflow.quality.QualityMeter.result())."""
+    quality metrics included (`quality`: memflow.quality.QualityMeter.result()), and its
+    story: root and parent ids, where it forked, how its chunks were obtained."""
     plan = gen.plan
     height, width = script.resolution or (replica.generator.preset.height, replica.generator.preset.width)
     ctx = ray.get_runtime_context()
@@ -306,7 +423,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
         "id": video_id,
         "video": video_path(video_id),
         "video_url": replica.storage.url_for(video_path(video_id)),
-        "script": script.model_dump(mode="json"),
+        "script": canonical(script),
         "script_sha256": content_hash(script),  # tells a re-used id from a repeat on resume
         "seed": script.seed,
         "fps": gen.fps,
@@ -319,6 +436,7 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
         "segments": [{"index": s.index, "prompt": s.prompt, "start_frame": s.video_start, "end_frame": s.video_end,
                       "start_s": s.video_start / gen.fps, "end_s": s.video_end / gen.fps,
                       "latent_start": s.start_frame, "latent_end": s.end_frame} for s in plan.segments],
+        "config": replica.config.model_dump(mode="json"),  # what the replica was built from
         "model": {"preset": replica.config.preset, "weights": replica.config.model or "random",
                   "memory": replica.config.memory, "fidelity": replica.generator.fidelity,
                   "fingerprint": replica.generator.config_fingerprint},
@@ -326,10 +444,18 @@ def build_record(replica, script: Script, gen, video_id: str, frames: int, attem
                     "peak_kv_bytes": gen.peak_memory_bytes},
         "timeline": timeline,  # epoch seconds: generation's start and end, the commit (written just after)
         "replica": {"index": replica.index, "host": socket.gethostname(), "node_id": ctx.get_node_id(),
-                    "actor_id": ctx.get_actor_id(), "device": str(replica.generator.device)},
-        "attempts": attempt,
+                    "actor_id": ctx.get_actor_id(), "device": str(replica.generator.device),
+                    # on a CPU the latents' last bits depend on the intra-op thread count too
+                    "cpu_threads": torch.get_num_threads()},
+        "attempts": attempt,  # renders of it started, this one included
+        # what the renders before this one cost: its own failures, replica deaths, failures of the cluster
+        "failures": {k: history.get(k, 0) for k in ("attempts", "replica_deaths", "cluster_faults")},
+        "cluster_reasons": history.get("cluster_reasons", []),
         "retrieval": {"bank_trace": gen.trace, "sma_trace": gen.sma_trace, "service": gen.retrieval},
         "quality": quality,
+        "story": {"root": story["root"], "parent": story["parent"], "fork_chunk": story["fork_chunk"],
+                  "prefix": story["prefix"], "chunks": {k: story[k] for k in ("shared", "replayed", "generated")}},
+        "latents_url": replica.storage.url_for(latents_path(video_id)) if replica.config.save_latents else None,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -36,6 +36,8 @@ from botocore.exceptions import ReadTimeoutError
 from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 
+from .faults import StorageUnavailable
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -103,6 +105,11 @@ class Storage:
         self.retries = retries
         self.backoff_s = backoff_s
         self.on_retry: Callable[[], Any] | None = None  # told of each retry: waiting on storage is not a hang
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The S3 endpoint this storage talks to (configuration, not a credential)."""
+        return self._options.get("endpoint_url")
 
     def __repr__(self) -> str:
         endpoint = self._options.get("endpoint_url")
@@ -204,6 +211,13 @@ class Storage:
         except FileNotFoundError:
             pass
 
+    def delete_folder(self, rel: str) -> None:
+        """Remove every key under a prefix (and, locally, the folder); a missing one is fine."""
+        try:
+            self._retry(self.fs.rm, self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
     # -- helpers --------------------------------------------------------------
 
     def _local_atomic(self, path: str, fill: Callable[[BinaryIO], Any]) -> None:
@@ -245,7 +259,8 @@ def call_with_retries(fn: Callable[..., T], *args: Any, retries: int = 10, backo
             raise
         except _TRANSIENT as e:
             if attempt >= retries:
-                raise
+                raise StorageUnavailable(f"storage {getattr(fn, '__name__', 'op')} kept failing after {retries} "
+                                         f"retries: {type(e).__name__}: {e}") from e
             delay = min(backoff_s * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
             attempt += 1
             log.warning("storage %s failed (%s: %s); retry %d/%d in %.1fs", getattr(fn, "__name__", "op"),
@@ -253,6 +268,13 @@ def call_with_retries(fn: Callable[..., T], *args: Any, retries: int = 10, backo
             if on_retry is not None:
                 on_retry()
             time.sleep(delay)
+
+
+def read_url(url: str, endpoint_url: str | None = None) -> bytes:
+    """One object at any fsspec URL (a record or latents of another output), retried as
+    Storage's reads are; FileNotFoundError when it is not there."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
+    return call_with_retries(fs.cat_file, path)
 
 
 def _rebuild(url: str, options: dict, retries: int, backoff_s: float) -> Storage:

@@ -1,4 +1,4 @@
-"""Batch generation: a manifest of scripts in, a captioned video dataset out.
+r"""Batch generation: a manifest of scripts in, a captioned video dataset out.
 
     ray job submit --working-dir . -- python jobs/batch.py --scripts URL --output URL \
         [--model URL] [--preset P] [--replicas N | --min-replicas A --max-replicas B] [--memory-shards M]
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import json
 import logging
 import os
@@ -46,103 +45,29 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from ray.util import metrics  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cluster.dataset import compact  # noqa: E402
+from cluster.dataset import BATCH, DatasetIndex  # noqa: E402
 from cluster.memory_service import shard_names, start_shards  # noqa: E402
 from cluster.pool import ReplicaPool, capacity  # noqa: E402
-from cluster.replica import GeneratorReplica, ReplicaConfig, record_path, replica_options, turn_holder  # noqa: E402
-from cluster.scheduler import NoReplica, Scheduler, Task  # noqa: E402
+from cluster.replica import GeneratorReplica, replica_options, turn_holder  # noqa: E402
+from cluster.settings import ReplicaSettings  # noqa: E402
+from cluster.scheduler import InfraTimeout, NoReplica, Scheduler  # noqa: E402
 from cluster.storage import Storage, s3_endpoint, storage_options  # noqa: E402
 from cluster.watchdog import StallWatchdog  # noqa: E402
 from jobs.manifest import count_manifest, iter_manifest  # noqa: E402
-from memflow.attention import CHOICES as ATTENTION_CHOICES  # noqa: E402
-from memflow.config import FIDELITIES, MEMORY_MODES, PRESETS  # noqa: E402
+from jobs.settings import BatchSettings  # noqa: E402
+from jobs.stories import TaskSource  # noqa: E402
 from memflow.quality import check_source  # noqa: E402
-from memflow.script import Limits, Script, content_hash  # noqa: E402
+from memflow.settings import Resolved, SettingsError  # noqa: E402
 
 log = logging.getLogger("memflow.batch")
-SAMPLE_SCRIPTS = REPO / "examples" / "sample_scripts.jsonl"
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
 VERDICTS = {EXIT_OK: "success", EXIT_PARTIAL: "partial success", EXIT_FAILED: "failure"}
 
 
-def _resources(text: str) -> dict:
-    value = json.loads(text)
-    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) in (int, float) and v > 0
-                                              for k, v in value.items()):
-        raise ValueError(text)
-    return value
-
-
-_resources.__name__ = "JSON object of resource name to a positive amount"  # argparse's error names the type
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scripts", default=str(SAMPLE_SCRIPTS), help="manifest URL: .jsonl, .txt, .parquet (any fsspec URL)")
-    p.add_argument("--output", default="./outputs", help="output prefix URL (file path, s3://bucket/prefix, ...)")
-    p.add_argument("--model", help="weights directory/URL (diffusers Wan layout, optional MemFlow base.pt + lora.pt)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--memory", default="nam", choices=MEMORY_MODES,
-                   help="off, nam (default: what the checkpoint was trained with) or nam+sma (faster)")
-    p.add_argument("--fidelity", default="reference", choices=FIDELITIES,
-                   help="memory policy: reference (default, what the released checkpoint runs with) or paper")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the transformer blocks on the replicas (auto: on GPUs)")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="attention kernel on the replicas (auto: cuDNN, then FlashAttention/FA3, then efficient)")
-    p.add_argument("--replicas", type=int, help="exactly N generator replicas (same as --min-replicas N --max-replicas N)")
-    p.add_argument("--min-replicas", type=int,
-                   help="replicas kept until the end for retries (default 1); idle ones beyond it are released "
-                        "when the work runs out, so the autoscaler can take their nodes back")
-    p.add_argument("--max-replicas", type=int,
-                   help="replicas requested at most (default: GPUs the cluster has or its autoscaler can add; "
-                        "1 on CPU); at most one per script of the manifest")
-    p.add_argument("--replica-resources", type=_resources, metavar="JSON",
-                   help='custom Ray resources each replica needs besides its GPU/CPU, e.g. \'{"L40S": 1}\' to keep '
-                        "replicas on one node group")
-    p.add_argument("--start-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="how long work may wait with no replica up (nodes joining, weights loading) before the "
-                        "job gives up (default 1800)")
-    p.add_argument("--stall-timeout", type=float, metavar="SECONDS",
-                   help="restart a replica whose render makes no progress for this long (default: the larger of "
-                        "600 s and 20x the slowest chunk seen)")
-    p.add_argument("--memory-shards", type=int, default=1, help="memory bank service shards (0: in-process ranking)")
-    p.add_argument("--in-flight", type=int, default=2, help="scripts queued per replica (default 2)")
-    p.add_argument("--max-attempts", type=int, default=3, help="render attempts per script (default 3)")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else env MEMFLOW_S3_ENDPOINT / AWS_ENDPOINT_URL)")
-    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
-                   help="replica placement: one GPU each, or CPU (auto: GPU when the cluster has one)")
-    p.add_argument("--save-latents", action="store_true", help="also write latents/<id>.safetensors")
-    p.add_argument("--crf", type=int, default=18,
-                   help="H.264 quality, 0-51 (default 18). 0 is lossless and bit-reproducible: x264 is not "
-                        "at other settings, so regression renders use 0")
-    p.add_argument("--max-seconds", type=float, help="longest script accepted, in seconds (default 600)")
-    p.add_argument("--max-pixels", type=int,
-                   help="largest resolution accepted, height x width (default: 4x the preset's, twice each side)")
-    p.add_argument("--max-fps", type=int, help="highest fps accepted (default 60)")
-    p.add_argument("--clip-model", help="CLIP folder/URL in Hugging Face layout (e.g. a save_pretrained of "
-                   "openai/clip-vit-base-patch32): adds per-segment CLIP score and background consistency")
-    p.add_argument("--dino-model", help="DINO folder/URL in Hugging Face layout (e.g. facebook/dino-vitb16): "
-                   "adds subject consistency")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-    args = p.parse_args(argv)
-    for name in ("replicas", "min_replicas", "max_replicas", "in_flight", "max_attempts", "max_pixels", "max_fps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("start_timeout", "stall_timeout", "max_seconds"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
-        p.error("give either --replicas or --min-replicas/--max-replicas")
-    if args.min_replicas and args.max_replicas and args.min_replicas > args.max_replicas:
-        p.error("--min-replicas is larger than --max-replicas")
-    if not 0 <= args.crf <= 51:
-        p.error("--crf must be between 0 (lossless) and 51")
-    if args.memory_shards < 0:
-        p.error("--memory-shards must be >= 0")
-    return args
+def parse_args(argv=None) -> Resolved:
+    """The job's settings from the command line and --config FILE (jobs/settings.py)."""
+    return BatchSettings.from_command_line(argv, description=__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def init_ray(address: str | None) -> None:
@@ -174,14 +99,16 @@ class ErrorLog:
 
 
 class Progress:
-    """The driver's view: a progress bar in the log and Ray metrics for the dashboard."""
+    """The driver's view: a progress bar over the manifest's lines in the log, and Ray
+    metrics for the dashboard. Counts are of videos (a branching line holds several)."""
 
     def __init__(self, total: int | None):
         self.bar = tqdm(total=total, unit="script", file=sys.stderr, mininterval=1.0, dynamic_ncols=False)
         self.t0 = time.perf_counter()
         self.frames = self.committed = self.skipped = self.repeats = self.failed = 0
-        self.m_done = metrics.Counter("memflow_scripts_committed", "scripts committed")
-        self.m_failed = metrics.Counter("memflow_scripts_failed", "scripts failed after all attempts")
+        self.chunks = {"generated": 0, "replayed": 0, "in_videos": 0}  # chunks computed vs. in committed videos
+        self.m_done = metrics.Counter("memflow_scripts_committed", "videos committed")
+        self.m_failed = metrics.Counter("memflow_scripts_failed", "videos failed after all attempts")
         self.m_rejected = metrics.Counter("memflow_scripts_rejected", "manifest records rejected")
         self.m_fps = metrics.Gauge("memflow_job_fps", "video frames per second of wall time")
 
@@ -193,23 +120,30 @@ class Progress:
         self.m_fps.set(fps)
         self.bar.update(1)
 
-    def committed_one(self, record: dict) -> None:
-        self.committed += 1
-        self.frames += record["num_frames"]
-        self.m_done.inc()
+    def task_done(self, records: list[dict], chunks: dict) -> None:
+        """A line rendered: its videos committed in this run, the chunks it computed."""
+        for record in records:
+            self.committed += 1
+            self.frames += record["num_frames"]
+            self.chunks["in_videos"] += record["num_chunks"]
+            self.m_done.inc()
+        self.chunks["generated"] += chunks["generated"]
+        self.chunks["replayed"] += chunks["replayed"]
         self._tick()
 
-    def skipped_one(self) -> None:
-        self.skipped += 1
-        self._tick()
+    def skipped_videos(self, count: int, whole_line: bool) -> None:
+        """Videos committed by an earlier run; the line is done when all of its are."""
+        self.skipped += count
+        if whole_line:
+            self._tick()
 
     def repeat_one(self) -> None:
         self.repeats += 1
         self._tick()
 
-    def failed_one(self) -> None:
-        self.failed += 1
-        self.m_failed.inc()
+    def failed_videos(self, count: int) -> None:
+        self.failed += count
+        self.m_failed.inc(count)
         self._tick()
 
     def rejected_one(self) -> None:
@@ -217,12 +151,12 @@ class Progress:
         self._tick()
 
 
-def plan_replicas(args: argparse.Namespace, scripts: int | None) -> tuple[bool, int, int]:
+def plan_replicas(args: BatchSettings, scripts: int | None) -> tuple[bool, int, int]:
     """(use a GPU each, replicas kept to the end, replicas requested). `--device auto` means
     GPU when the cluster has GPUs or its autoscaler can add them (GPU workers that start
     at zero): an autoscaling cluster must not fall back to one CPU replica."""
     gpus = capacity("GPU")
-    use_gpu = args.device == "gpu" or (args.device == "auto" and gpus > 0)
+    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
     if args.replicas:
         return use_gpu, args.replicas, args.replicas
     fits = [capacity(name) // amount for name, amount in (args.replica_resources or {}).items()]
@@ -232,58 +166,28 @@ def plan_replicas(args: argparse.Namespace, scripts: int | None) -> tuple[bool, 
     return use_gpu, least, max(least, min(most, scripts if scripts is not None else most))
 
 
-def replica_config(args: argparse.Namespace, use_gpu: bool) -> ReplicaConfig:
-    """What each replica is built from: plain values, no credential (replicas use their
-    node's own: see cluster/replica.py)."""
-    return ReplicaConfig(output=args.output, preset=args.preset, model=args.model, memory=args.memory,
-                         fidelity=args.fidelity, endpoint_url=s3_endpoint(args.endpoint_url),
-                         device="cuda" if use_gpu else "cpu", save_latents=args.save_latents, crf=args.crf,
-                         clip_model=args.clip_model, dino_model=args.dino_model, compile=args.compile,
-                         attention=args.attention)
-
-
-class SeenIds:
-    """The video ids handed out this run, with the manifest line and content hash of
-    each: a later line with the same id is a repeat (skipped) or a clash (reported).
-    One int per id (line << 64 | 64 bits of the hash): about 150 bytes an id with its
-    key, 150 MB for a manifest of a million scripts."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {}
-
-    def first(self, video_id: str, line: int, digest: str) -> tuple[int, bool] | None:
-        """None if the id is new (it is remembered); else (its first line, same content?)."""
-        key = int(digest[:16], 16)
-        seen = self.ids.setdefault(video_id, line << 64 | key)
-        if seen == line << 64 | key:
-            return None
-        return seen >> 64, seen & (1 << 64) - 1 == key
-
-
-def committed_digest(storage: Storage, video_id: str) -> str | None:
-    """Content hash of the script committed under this id, or None if there is none."""
-    try:
-        record = json.loads(storage.read_text(record_path(video_id)))
-    except FileNotFoundError:
-        return None
-    return record.get("script_sha256") or content_hash(Script.model_validate(record["script"]))
+def replica_config(args: BatchSettings, use_gpu: bool) -> ReplicaSettings:
+    """What each replica is built from: the job's replica settings, the device and the S3
+    endpoint resolved (no credential: replicas use their node's own, see cluster/replica.py)."""
+    return args.pick(ReplicaSettings, device="cuda" if use_gpu else "cpu", endpoint_url=s3_endpoint(args.endpoint_url))
 
 
 class BatchJob:
     """One run of the driver; whatever ends it, `summary()` reports what was done."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, config: Resolved):
+        self.resolved = config
+        self.args = args = config.settings
         self.run_id = uuid.uuid4().hex[:8]
         self.started = time.time()
         self.storage: Storage | None = None
         self.errors = ErrorLog()
         self.progress: Progress | None = None
-        self.dataset_rows: int | None = None  # rows compacted at the end, when the run gets there
-        self.config: dict = {"preset": args.preset, "memory": args.memory, "fidelity": args.fidelity,
-                             "model": args.model or "random", "in_flight": args.in_flight,
-                             "max_attempts": args.max_attempts, "crf": args.crf, "clip_model": args.clip_model,
-                             "dino_model": args.dino_model, "compile": args.compile, "attention": args.attention}
+        self.dataset_rows: int | None = None  # rows the manifest table holds at the end, when the run gets there
+        self.dataset_versions: dict | None = None  # the table versions this run wrote last ("as of run N")
+        self.index: DatasetIndex | None = None
+        self.rows: list[dict] = []  # dataset rows of videos committed, not yet in the tables
+        self.plan: dict = {}  # what the run derived from the settings: limits, device, replicas, shards
         self.pool: ReplicaPool | None = None
         self.owned: list = []  # memory shards this run starts, and kills when it ends
         self.own_replicas = True
@@ -300,29 +204,67 @@ class BatchJob:
             if url:  # so does a missing backbone; no credentials in URLs: they would land in every record
                 storage_options(url)
                 check_source(url, flag)
-        limits = Limits.for_preset(PRESETS[args.preset], max_seconds=args.max_seconds, max_pixels=args.max_pixels,
-                                   max_fps=args.max_fps)
-        self.config["limits"] = {"max_seconds": limits.max_seconds, "max_pixels": limits.max_pixels,
-                                 "max_fps": limits.max_fps}
+        limits = args.limits(args.preset)
+        self.plan["limits"] = {"max_seconds": limits.max_seconds, "max_pixels": limits.max_pixels,
+                               "max_fps": limits.max_fps}
         self.progress = Progress(total)
+        committed = self._open_index()
         init_ray(args.address)
         if self.stop_on_sigterm:  # after ray.init, whose own handler would abort the process at exit
             signal.signal(signal.SIGTERM, _stop)
-        tasks = self._tasks(iter_manifest(args.scripts, scripts_options, limits=limits))
-        first = next(tasks, None)  # nothing to render (a finished run resumed): no replica, no GPU node
+        source = TaskSource(iter_manifest(args.scripts, scripts_options, limits=limits), self.storage, args,
+                            reject=self._reject, skipped=self.progress.skipped_videos,
+                            repeated=self.progress.repeat_one, committed=committed)
+        first = source.next()  # nothing to render (a finished run resumed): no replica, no GPU node
         if first is not None:
+            source.ready.appendleft(first)
             scheduler = self._start(replicas, total)
-            for task, record in scheduler.run(itertools.chain([first], tasks)):
-                if record is not None:
-                    self.progress.committed_one(record)
-                else:
-                    reason = f"failed after {task.attempts} attempt(s)"
-                    self.errors.add(line=task.line, id=task.video_id, reason=reason, attempts=task.errors)
-                    self.errors.reasons[task.errors[-1] if task.errors else reason] += 1
-                    self.progress.failed_one()
+            for task, result in scheduler.run(source):
+                self._ended(task, result, source.in_flight.get(task.video_id, set()))
+                source.finished(task, result)
         self._release()
         self.progress.bar.close()
-        self.dataset_rows = compact(self.storage)
+        self.dataset_versions = self.index.add(self.rows)
+        self.rows = []
+        self.dataset_rows = len(committed)
+
+    def _open_index(self):
+        """The dataset tables (migrated if the output is indexed the old way) and what is
+        committed: what they hold, made to agree with the records (the committed records
+        they miss, as after a driver that died before its update, are added at the end;
+        the rows whose records were deleted go now)."""
+        self.index = DatasetIndex(self.storage, self.args.endpoint_url)
+        if self.index.migrate():
+            log.info("migrated the dataset index of %s to Delta tables (manifest/, metrics/)", self.storage)
+        committed = self.index.committed()
+        missing, gone = self.index.reconcile(committed)
+        if gone:
+            self.index.remove(gone)
+            for vid in gone:
+                committed.discard(vid)
+        self.rows = [self.index.rows(r) for r in missing]
+        for row in self.rows:
+            committed.add(row["manifest"]["id"], row["manifest"]["script_sha256"])
+        return committed
+
+    def _ended(self, task, result: dict | None, videos: set[str]) -> None:
+        """A line rendered (its videos not committed before this run: `videos`) or given up."""
+        args = self.args
+        if result is not None:
+            new = [r for r in result["records"] if r["id"] in videos]
+            self.progress.task_done(new, result["chunks"])
+            self.rows += [self.index.rows(r) for r in new]
+            if len(self.rows) >= BATCH:  # the index grows during long runs too
+                self.dataset_versions = self.index.add(self.rows)
+                self.rows = []
+            return
+        reason = (f"failed after {task.attempts} attempt(s)" if task.attempts >= args.max_attempts else
+                  f"failed: its replica died {task.deaths} time(s) while rendering it"
+                  if task.deaths >= args.max_replica_deaths else "failed: no replica could render it")
+        self.errors.add(line=task.line, id=task.video_id, videos=sorted(videos), reason=reason,
+                        attempts=task.errors, history=task.history())
+        self.errors.reasons[task.errors[-1] if task.errors else reason] += 1
+        self.progress.failed_videos(len(videos))
 
     def _start(self, replicas: list | None, total: int | None) -> Scheduler:
         """Memory shards, the replica pool and the scheduler over it."""
@@ -340,44 +282,19 @@ class BatchJob:
             size = keep = len(replicas)
             spawn, self.own_replicas = replicas.__getitem__, False
         self.pool = ReplicaPool(spawn, probe=lambda a: a.status.options(max_task_retries=-1).remote(),
-                                size=size, keep=keep, max_starts=args.max_attempts)
-        self.config.update(device="gpu" if use_gpu else "cpu", replicas=size, min_replicas=keep,
-                           replica_resources=args.replica_resources, memory_shards=len(shards),
-                           stall_timeout=args.stall_timeout)
+                                size=size, keep=keep, max_starts=args.max_attempts, generating=turn_holder)
+        self.plan.update(device="gpu" if use_gpu else "cpu", replicas=size, min_replicas=keep,
+                         memory_shards=len(shards))
         log.info("run %s: %d replica(s) requested (%d kept to the end) on %s%s, %d memory shard(s), preset %s, "
                  "memory %s (%s policy), output %s", self.run_id, size, keep, "GPU" if use_gpu else "CPU",
                  f" with {args.replica_resources}" if args.replica_resources else "", len(shards), args.preset,
                  args.memory, args.fidelity, self.storage)
         watchdog = StallWatchdog(lambda r: r.actor.status.remote(), limit_s=args.stall_timeout)
-        return Scheduler(self.pool, lambda actor, t: actor.render.remote(t.script, t.video_id, t.attempts),
+        return Scheduler(self.pool, lambda actor, t: actor.render.remote({**t.script, "history": t.history()},
+                                                                         t.video_id, t.calls),
                          per_replica=args.in_flight, max_attempts=args.max_attempts, watchdog=watchdog,
-                         start_timeout_s=args.start_timeout, generating=turn_holder)
-
-    def _tasks(self, items):
-        seen = SeenIds()
-        for item in items:
-            if not item.ok:
-                self._reject(item, item.error)
-                continue
-            vid, digest = item.script.video_id, content_hash(item.script)
-            first = seen.first(vid, item.line, digest)
-            if first is not None:
-                line, same = first
-                if same:
-                    self.progress.repeat_one()  # the same script again: rendered once
-                else:
-                    self._reject(item, f"duplicate id {vid!r}: line {line} has it with different content; "
-                                       "give one of them another id")
-                continue
-            committed = committed_digest(self.storage, vid)
-            if committed == digest:
-                self.progress.skipped_one()
-            elif committed is not None:
-                self._reject(item, f"id {vid!r} was committed by an earlier run with different content "
-                                   f"({record_path(vid)}); give this script another id, or delete that record to "
-                                   "render it again")
-            else:
-                yield Task(vid, item.script.model_dump(mode="json"), item.line)
+                         start_timeout_s=args.start_timeout, max_replica_deaths=args.max_replica_deaths,
+                         infra_timeout_s=args.infra_timeout)
 
     def _reject(self, item, reason: str) -> None:
         self.errors.add(line=item.line, reason=reason, input=item.raw)
@@ -401,9 +318,14 @@ class BatchJob:
             "committed": committed, "skipped_already_committed": p.skipped if p else 0,
             "skipped_repeated_lines": p.repeats if p else 0, "failed": p.failed if p else 0,
             "rejected_input": self.errors.count - (p.failed if p else 0),
-            "dataset_rows": self.dataset_rows, "frames": frames, "wall_seconds": wall,
+            "dataset_rows": self.dataset_rows, "dataset_versions": self.dataset_versions,
+            "frames": frames, "wall_seconds": wall,
+            # chunks computed (generated once, shared by branches; replayed from saved latents) vs. the
+            # chunks the committed videos contain: the saving of stories
+            "chunks": dict(p.chunks) if p else None,
             "fps": frames / max(wall, 1e-9), "videos_per_hour": committed / max(wall / 3600, 1e-9),
-            "replicas_served": served, "config": self.config,
+            "replicas_served": served, "config": self.resolved.settings.model_dump(mode="json"),
+            "config_sources": self.resolved.sources, "plan": self.plan,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
         }
 
@@ -463,6 +385,8 @@ def explain(e: BaseException) -> str:
         return f"not found: {text}"
     if isinstance(e, NoReplica):
         return f"{text}; re-run the same command once that is fixed: it resumes"
+    if isinstance(e, InfraTimeout):
+        return f"{text}; the cluster did not recover within --infra-timeout: re-run the same command once it has"
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
         return "stopped by a signal; re-run the same command to resume"
     if isinstance(e, ValueError):
@@ -470,16 +394,17 @@ def explain(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}: {text} (traceback above); re-run the same command to resume"
 
 
-def run(args: argparse.Namespace, replicas: list | None = None, stop_on_sigterm: bool = False) -> int:
-    """Run a batch job and return its exit status; see BatchJob.execute for `replicas`.
-    `stop_on_sigterm` (main thread only): SIGTERM ends the run with exit 2 and a summary."""
-    job = BatchJob(args)
+def run(config: BatchSettings | Resolved, replicas: list | None = None, stop_on_sigterm: bool = False) -> int:
+    """Run a batch job and return its exit status: the Python entry (jobs/regression.py calls
+    it with settings it built). See BatchJob.execute for `replicas`. `stop_on_sigterm` (main
+    thread only): SIGTERM ends the run with exit 2 and a summary."""
+    job = BatchJob(config if isinstance(config, Resolved) else Resolved.of(config))
     job.stop_on_sigterm = stop_on_sigterm
     try:
         job.execute(replicas)
     except BaseException as e:  # every ending reports: exit 2, one line, summary.json
         expected = isinstance(e, (ValueError, FileNotFoundError, PermissionError, NoCredentialsError,
-                                  PartialCredentialsError, NoReplica, KeyboardInterrupt, SystemExit))
+                                  PartialCredentialsError, NoReplica, InfraTimeout, KeyboardInterrupt, SystemExit))
         if not expected:
             traceback.print_exc()
         reason = explain(e)
@@ -495,7 +420,11 @@ def _stop(signum, frame):
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SettingsError as e:  # before anything starts
+        print(f"failure: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     previous = signal.getsignal(signal.SIGTERM)
     try:
         return run(args, stop_on_sigterm=True)

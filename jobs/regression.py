@@ -35,16 +35,18 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator  # noqa: E402
 
+from cluster.dataset import DatasetIndex  # noqa: E402
 from cluster.replica import latents_path, record_path, video_path  # noqa: E402
 from cluster.storage import Storage, storage_options  # noqa: E402
 from jobs import batch  # noqa: E402
 from jobs.compare import Thresholds, compare_videos, judge, judge_suite, latent_difference  # noqa: E402
 from jobs.report import filmstrip_picks, script_images, suite_plots, write_html  # noqa: E402
-from memflow.config import FIDELITIES, MEMORY_MODES, PRESETS  # noqa: E402
+from jobs.settings import BatchSettings, RegressionSettings  # noqa: E402
+from memflow.config import FIDELITIES, MEMORY_MODES  # noqa: E402
 from memflow.script import ScriptError, parse_script  # noqa: E402
+from memflow.settings import Resolved  # noqa: E402
 
 EXIT_CLEAN, EXIT_REGRESSED, EXIT_FAILED = 0, 1, 2
-SAMPLE_SUITE = REPO / "examples" / "regression_suite.json"
 
 
 class Suite(BaseModel):
@@ -67,8 +69,9 @@ class Suite(BaseModel):
         if self.fidelity not in (None, *FIDELITIES):
             raise ValueError(f"fidelity: one of {FIDELITIES}, got {self.fidelity!r}")
         for i, s in enumerate(self.scripts):
-            if not isinstance(s, dict) or "seed" not in s:
-                raise ValueError(f"scripts.{i}.seed: every suite script needs a fixed seed")
+            if not isinstance(s, dict) or ("seed" not in s and "continues" not in s):
+                raise ValueError(f"scripts.{i}.seed: every suite script needs a fixed seed (a continuation takes "
+                                 "its parent's)")
         return self
 
 
@@ -85,19 +88,23 @@ def load_suite(url: str, endpoint_url: str | None) -> tuple[Suite, list]:
     return suite, scripts
 
 
-# A batch output's folders besides records/ (the commit markers).
-PAYLOAD_FOLDERS = ("videos", "latents", "manifest", "metrics")
+# A batch output's folders of files besides records/ (the commit markers); its dataset
+# tables (manifest/, metrics/) are an index of the records, rebuilt from them.
+PAYLOAD_FOLDERS = ("videos", "latents")
+TABLES = tuple(DatasetIndex.TABLES)
 
 
 def copy_render(src: Storage, dst: Storage) -> None:
     """Make dst a copy of the batch output src: payloads first, records (commit
-    markers) after them, then drop what src does not have."""
+    markers) after them, then drop what src does not have, then its dataset tables
+    anew from the records."""
     for folder in (*PAYLOAD_FOLDERS, "records"):
         names = src.list(folder)
         for name in names:
             dst.write_bytes(f"{folder}/{name}", src.read_bytes(f"{folder}/{name}"))
         for stale in set(dst.list(folder)) - set(names):
             dst.delete(f"{folder}/{stale}")
+    DatasetIndex(dst).rebuild()
     dst.write_bytes("summary.json", src.read_bytes("summary.json"))
 
 
@@ -108,6 +115,8 @@ def clear_render(render: Storage) -> None:
     for folder in ("records", *PAYLOAD_FOLDERS):
         for name in render.list(folder):
             render.delete(f"{folder}/{name}")
+    for folder in (*TABLES, "state"):
+        render.delete_folder(folder)
     for name in ("summary.json", "errors.jsonl"):
         if render.exists(name):
             render.delete(name)
@@ -170,53 +179,35 @@ def judged_on(pixels: bool, suite_quality: list[dict]) -> str:
     return f"--expect-change: pixel comparisons skipped; judged on quality ({quality}) and speed"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default=str(SAMPLE_SUITE), help="suite JSON: {name, scripts: [...], thresholds: {...}}")
-    p.add_argument("--baseline", default="./outputs/regression/baseline", help="baseline render (a batch output)")
-    p.add_argument("--output", default="./outputs/regression/latest", help="where this run's render and report go")
-    p.add_argument("--model", help="weights directory/URL")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--memory", choices=MEMORY_MODES, help="memory mode (default: the suite's, else nam)")
-    p.add_argument("--fidelity", choices=FIDELITIES,
-                   help="memory policy (default: the suite's, else reference)")
-    p.add_argument("--replicas", type=int)
-    p.add_argument("--memory-shards", type=int, default=1)
-    p.add_argument("--endpoint-url")
-    p.add_argument("--address")
-    p.add_argument("--clip-model", help="CLIP folder/URL (Hugging Face layout) for the CLIP score and background "
-                   "consistency; use the baseline's, or those metrics are not compared")
-    p.add_argument("--dino-model", help="DINO folder/URL (Hugging Face layout) for subject consistency")
-    p.add_argument("--expect-change", action="store_true",
-                   help="the model or policy changed on purpose: skip the pixel comparisons (PSNR, SSIM, latents, "
-                        "traces, frame count) and judge quality and speed only")
-    p.add_argument("--promote", action="store_true", help="make this run the new baseline")
-    return p.parse_args(argv)
+def parse_args(argv=None) -> dict:
+    """The flags given (the suite, a layer under them, is read once the flags name it)."""
+    parser = RegressionSettings.parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return vars(parser.parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> int:
-    suite, scripts = load_suite(args.suite, args.endpoint_url)
+def resolve(given: dict) -> tuple[Resolved, Suite, list]:
+    """Settings over the suite's memory mode and policy over the defaults; the suite and its scripts."""
+    first = RegressionSettings.from_flags(given).settings
+    suite, scripts = load_suite(first.suite, first.endpoint_url)
+    layer = {k: getattr(suite, k) for k in ("memory", "fidelity") if getattr(suite, k) is not None}
+    return RegressionSettings.from_flags(given, [("suite", layer)]), suite, scripts
+
+
+def run(resolved: Resolved, suite: Suite, scripts: list) -> int:
+    args: RegressionSettings = resolved.settings
     out = Storage(args.output, args.endpoint_url)
     base = Storage(args.baseline, args.endpoint_url)
     render = Storage(out.url_for("render"), args.endpoint_url)
-    ids = [s.video_id for s in scripts]
-    out.write_text("suite.jsonl", "".join(
-        json.dumps({**s.model_dump(mode="json", exclude_none=True), "id": vid}) + "\n" for s, vid in zip(scripts, ids)))
-    memory = args.memory or suite.memory or "nam"
-    fidelity = args.fidelity or suite.fidelity or "reference"
-    batch_argv = ["--scripts", out.url_for("suite.jsonl"), "--output", render.url, "--preset", args.preset,
-                  "--memory", memory, "--fidelity", fidelity, "--memory-shards", str(args.memory_shards),
-                  "--save-latents",
-                  "--crf", "0"]  # lossless: x264 is not bit-reproducible otherwise, and PSNR should see the model
-    for flag, value in (("--model", args.model), ("--replicas", args.replicas),
-                        ("--clip-model", args.clip_model), ("--dino-model", args.dino_model),
-                        ("--endpoint-url", args.endpoint_url), ("--address", args.address)):
-        if value is not None:
-            batch_argv += [flag, str(value)]
+    ids = [n.video_id for s in scripts for n in s.nodes() if n.video]  # every node of a tree, compared one by one
+    out.write_text("suite.jsonl", "".join(  # the suite's own scripts, each with the id it renders under
+        json.dumps({**raw, "id": s.video_id}) + "\n" for raw, s in zip(suite.scripts, scripts)))
+    memory, fidelity = args.memory, args.fidelity
+    # lossless: x264 is not bit-reproducible otherwise, and PSNR should see the model
+    job = args.pick(BatchSettings, scripts=out.url_for("suite.jsonl"), output=render.url, save_latents=True, crf=0)
     if render.list("records"):
         print(f"clearing the previous render in {render.url}")
         clear_render(render)
-    status = batch.run(batch.parse_args(batch_argv))
+    status = batch.run(Resolved.of(job, "regression job"))
     if status == batch.EXIT_FAILED:
         print(f"verdict: run failed: the suite did not render (see {render.url_for('errors.jsonl')})")
         return EXIT_FAILED
@@ -257,9 +248,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    given = parse_args(argv)
     try:
-        return run(args)
+        return run(*resolve(given))
     except (ValidationError, ScriptError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"verdict: run failed: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -7,15 +7,19 @@ Per script: the memory timeline (what the bank held and SMA attended at each
 chunk, prompt switches marked; baseline above candidate), the filmstrip with each
 segment's prompt under its frames, per-segment quality bars baseline vs
 candidate, the table of measures and difference heatmaps of the worst frames.
-Images are PNGs written with matplotlib; the page only references files next to
-it, so it opens from object storage, a laptop or a CI artifact alike.
+The page is rendered from templates/report.html.j2 (with report.css and report.js
+inlined, so it is one file); images are PNGs written with matplotlib; the page only
+references files next to it, so it opens from object storage, a laptop or a CI artifact alike.
 """
 from __future__ import annotations
 
-import html
 import io
 import math
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
 
 import matplotlib
 
@@ -243,7 +247,7 @@ def _fmt(value) -> str:
         if math.isinf(value):
             return "∞" if value > 0 else "-∞"
         return f"{value:.4g}"
-    return html.escape(str(value))
+    return str(value)
 
 
 def _signed(value, percent: bool = False) -> str:
@@ -258,7 +262,7 @@ def _sort_key(value) -> str:
         return ""
     if isinstance(value, (int, float)):  # JavaScript's parseFloat reads "Infinity", not Python's "inf"
         return "Infinity" if value == math.inf else "-Infinity" if value == -math.inf else repr(float(value))
-    return html.escape(str(value).lower(), quote=True)
+    return str(value).lower()
 
 
 MEASURES = [("frames_baseline", "frames (baseline)", "frame_count"), ("frames_candidate", "frames (candidate)", "frame_count"),
@@ -273,137 +277,69 @@ MEASURES = [("frames_baseline", "frames (baseline)", "frame_count"), ("frames_ca
             ("traces_match", "retrieval traces identical", "traces"), ("config_changed", "config changed", None),
             ("fidelity_baseline", "memory policy (baseline)", None), ("fidelity_candidate", "memory policy (candidate)", None)]
 
+
 def _worst(row: dict) -> float | None:
     """A script that did not render is the worst change of all."""
     return math.inf if row["status"] == "not rendered" else row.get("worst_change")
 
 
-# The suite table: (key, header, cell value, sort value, measure whose flag colours the cell)
-COLUMNS = [("id", "script", lambda r: html.escape(r["id"]), lambda r: r["id"], None),
-           ("status", "verdict", lambda r: html.escape(r["status"]), lambda r: r["status"], None),
-           ("worst_change", "worst change ×threshold",
-            lambda r: f"{_fmt(r.get('worst_change'))} <small>{html.escape(r.get('worst_measure') or '')}</small>",
-            _worst, None),
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    sort: str
+    cls: str = ""
+    link: str | None = None  # the script's section
+    note: str | None = None  # small print after the text
+
+
+# The suite table: (key, header, cell text, sort value, measure whose flag colours the cell)
+COLUMNS = [("id", "script", lambda r: r["id"], lambda r: r["id"], None),
+           ("status", "verdict", lambda r: r["status"], lambda r: r["status"], None),
+           ("worst_change", "worst change ×threshold", lambda r: _fmt(r.get("worst_change")), _worst, None),
            *[(f"{m}_change", f"Δ {LABELS[m]}", lambda r, m=m: _signed(r.get(f"{m}_change")),
               lambda r, m=m: r.get(f"{m}_change"), m) for m in METRICS],
            ("fps_change", "FPS change", lambda r: _signed(r.get("fps_change"), percent=True),
             lambda r: r.get("fps_change"), "fps"),
-           ("regressed_measures", "regressed measures", lambda r: html.escape(", ".join(r.get("regressed_measures", []))),
+           ("regressed_measures", "regressed measures", lambda r: ", ".join(r.get("regressed_measures", [])),
             lambda r: len(r.get("regressed_measures", [])), None)]
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1180px;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px}
-th{background:#f3f3f3}th[data-key]{cursor:pointer;user-select:none}th[data-key]:hover{background:#e4ecf5}
-th.sorted::after{content:" ▾"}th.sorted.asc::after{content:" ▴"}
-.bad{background:#fdd;font-weight:bold}.ok{color:#270}.verdict{font-size:1.25em;padding:.6em .9em;border-radius:6px}
-.v-clean{background:#e6f4e6}.v-regressed{background:#fde4e4}.v-failed{background:#eee}
-img{max-width:100%}h2{margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1em;margin:1.2em 0 .3em}
-.strip{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
-.seg{flex:1 1 300px;max-width:420px;margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa}
-.seg img{width:100%}
-.seg figcaption{font-size:12px;line-height:1.35}.seg .prompt{font-style:italic}.seg .meta{color:#666}
-details{margin:.4em 0}summary{cursor:pointer}small{color:#666}"""
 
-_SORT_JS = """const table=document.getElementById('suite-table');
-function sortTable(key,desc){const heads=[...table.tHead.rows[0].cells];const i=heads.findIndex(h=>h.dataset.key===key);
-if(i<0)return;const body=table.tBodies[0];const rows=[...body.rows];
-const val=r=>{const v=r.cells[i].dataset.v;return v===''?null:(isNaN(parseFloat(v))?v:parseFloat(v));};
-rows.sort((a,b)=>{const x=val(a),y=val(b);if(x===null)return 1;if(y===null)return -1;
-const c=typeof x==='number'&&typeof y==='number'?x-y:String(x).localeCompare(String(y));return desc?-c:c;});
-rows.forEach(r=>body.appendChild(r));heads.forEach(h=>h.classList.remove('sorted','asc'));
-heads[i].classList.add('sorted');if(!desc)heads[i].classList.add('asc');table.dataset.sort=(desc?'-':'')+key;}
-table.tHead.addEventListener('click',e=>{const h=e.target.closest('th[data-key]');
-if(h)sortTable(h.dataset.key,table.dataset.sort!=='-'+h.dataset.key);});
-const m=location.hash.match(/^#sort=(-?)([\\w.-]+)$/);if(m)sortTable(m[2],m[1]==='-');"""
-
-
-def _suite_table(rows: list[dict]) -> list[str]:
+def _suite_table(rows: list[dict]) -> list[list[Cell]]:
     """Sorted by the worst change (in the page too, so it reads right without scripts)."""
     ordered = sorted(rows, key=lambda r: -math.inf if _worst(r) is None else _worst(r), reverse=True)
-    parts = ["<table id='suite-table' data-sort='-worst_change'><thead><tr>"]
-    for key, header, _, _, _ in COLUMNS:
-        cls = " class='sorted'" if key == "worst_change" else ""
-        parts.append(f"<th data-key='{key}'{cls} title='click to sort'>{html.escape(header)}</th>")
-    parts.append("</tr></thead><tbody>")
+    table = []
     for r in ordered:
         cells = []
         for key, _, show, sort, measure in COLUMNS:
             flagged = (measure in r.get("regressed_measures", [])) or (key == "status" and r.get("regressed"))
-            cls = "bad" if flagged else "ok" if key == "status" else ""
-            content = f"<a href='#{html.escape(r['id'])}'>{show(r)}</a>" if key == "id" else show(r)
-            cells.append(f"<td class='{cls}' data-v='{_sort_key(sort(r))}'>{content}</td>")
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table>")
-    return parts
+            cells.append(Cell(show(r), _sort_key(sort(r)), "bad" if flagged else "ok" if key == "status" else "",
+                              link=r["id"] if key == "id" else None,
+                              note=r.get("worst_measure") or "" if key == "worst_change" else None))
+        table.append(cells)
+    return table
 
 
-def _suite_quality(suite: list[dict]) -> list[str]:
-    if not suite:
-        return ["<p>No quality metric was measured comparably in both runs.</p>"]
-    parts = ["<table><tr><th>metric</th><th>scripts</th><th>baseline mean</th><th>candidate mean</th>"
-             "<th>change</th><th>largest drop allowed</th><th>verdict</th></tr>"]
-    for q in suite:
-        bad = q["regressed"]
-        parts.append(f"<tr><td>{LABELS[q['metric']]}</td><td>{q['scripts']}</td><td>{_fmt(q['baseline'])}</td>"
-                     f"<td>{_fmt(q['candidate'])}</td><td class='{'bad' if bad else ''}'>{_signed(q['change'])}</td>"
-                     f"<td>{_fmt(q['limit'])}</td><td class='{'bad' if bad else 'ok'}'>"
-                     f"{'dropped' if bad else 'ok'}</td></tr>")
-    parts.append("</table>")
-    return parts
-
-
-def _filmstrip(images: dict) -> list[str]:
-    parts = ["<div class='strip'>"]
-    for seg in images.get("segments", []):
-        src = images["strips"].get(seg["index"])
-        if src is None:
-            continue
-        parts.append(f"<figure class='seg'><img src='{src}' alt='segment {seg['index']} frames, baseline above "
-                     f"candidate'><figcaption><b>segment {seg['index']}</b> "
-                     f"<span class='meta'>frames {seg['start_frame']}–{seg['end_frame'] - 1}, "
-                     f"{seg['start_s']:.1f}–{seg['end_s']:.1f} s</span><br>"
-                     f"<span class='prompt'>“{html.escape(seg['prompt'])}”</span></figcaption></figure>")
-    parts.append("</div>")
-    return parts
+_TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                                autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
+                                lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
 
 def write_html(storage: Storage, title: str, verdict: str, rows: list[dict], images: dict[str, dict],
                plots: dict, suite: list[dict], thresholds: dict) -> str:
+    """Render templates/report.html.j2 to report/index.html; returns its key."""
     state = "failed" if verdict.startswith("run failed") else "regressed" if "REGRESSION" in verdict else "clean"
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_STYLE}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><p class='verdict v-{state}'>{html.escape(verdict)}</p>",
-             "<h2>Quality, suite means</h2>", *_suite_quality(suite),
-             "<h2>Scripts</h2><p><small>Worst change: the quality or speed change furthest past its "
-             "threshold, in thresholds (above 1 is flagged, below 0 is better). Click a header to sort; "
-             "<code>#sort=KEY</code> or <code>#sort=-KEY</code> in the address sorts on opening.</small></p>",
-             *_suite_table(rows)]
-    parts += [f"<img src='{src}' alt='{alt}'>" for key, alt in (("psnr", "PSNR over time"), ("fps", "FPS per script"))
-              if (src := plots.get(key))]
-    for r in rows:
-        vid = html.escape(r["id"])
-        parts.append(f"<h2 id='{vid}'>{vid}: {html.escape(r['status'])}</h2>")
-        img = images.get(r["id"], {})
-        if img.get("timeline"):
-            parts.append(f"<h3>Memory timeline</h3><img src='{img['timeline']}' alt='memory timeline, baseline "
-                         f"above candidate'>")
-        if img.get("strips"):
-            parts += ["<h3>Filmstrip (baseline above candidate)</h3>", *_filmstrip(img)]
-        if img.get("bars"):
-            parts.append(f"<h3>Quality per segment</h3><img src='{img['bars']}' alt='per-segment quality, "
-                         f"baseline vs candidate'>")
-        if "frames_candidate" in r:
-            parts.append("<details><summary>All measures</summary><table><tr><th>measure</th><th>value</th></tr>")
-            for key, label, flag in MEASURES:
-                cls = " class='bad'" if flag in r.get("regressed_measures", []) else ""
-                parts.append(f"<tr><td>{label}</td><td{cls}>{_fmt(r.get(key))}</td></tr>")
-            parts.append("</table></details>")
-        if img.get("heatmaps"):
-            parts.append("<h3>Most different frames</h3>")
-        for src in img.get("heatmaps", []):
-            parts.append(f"<img src='{src}' alt='difference heatmap'>")
-    parts.append("<h2>Thresholds</h2><table>" + "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in thresholds.items()) + "</table>")
-    parts.append(f"<script>{_SORT_JS}</script></body></html>")
-    storage.write_text("report/index.html", "\n".join(parts))
+    suite_quality = [{"label": LABELS[q["metric"]], "scripts": q["scripts"], "baseline": _fmt(q["baseline"]),
+                      "candidate": _fmt(q["candidate"]), "change": _signed(q["change"]), "limit": _fmt(q["limit"]),
+                      "regressed": q["regressed"]} for q in suite]
+    scripts = [{"id": r["id"], "status": r["status"],
+                "images": {"timeline": None, "strips": {}, "segments": [], "bars": None, "heatmaps": [],
+                           **images.get(r["id"], {})},
+                "measures": [(label, _fmt(r.get(key)), flag in r.get("regressed_measures", []))
+                             for key, label, flag in MEASURES] if "frames_candidate" in r else []}
+               for r in rows]
+    page = _TEMPLATES.get_template("report.html.j2").render(
+        title=title, verdict=verdict, state=state, suite_quality=suite_quality,
+        columns=[(key, header) for key, header, *_ in COLUMNS], table=_suite_table(rows), plots=plots,
+        scripts=scripts, thresholds=[(k, _fmt(v)) for k, v in thresholds.items()])
+    storage.write_text("report/index.html", page)
     return "report/index.html"

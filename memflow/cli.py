@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from .attention import CHOICES as ATTENTION_CHOICES
-from .config import FIDELITIES, MEMORY_MODES, PRESETS, get_preset
+from typing import Optional
+
+from pydantic import Field
+
 from .script import Limits, ScriptError, parse_script
+from .settings import EncodeSettings, EngineSettings, LimitSettings, QualitySettings, SettingsError, add_flags
 
 EXAMPLES = """examples:
   python -m memflow render --script fox.json -o fox.mp4
@@ -80,55 +83,56 @@ def load_script_arg(script: str | None, prompts: list[str] | None, seconds: floa
     return parse_script(data, limits)
 
 
+class RenderSettings(EngineSettings, QualitySettings, EncodeSettings, LimitSettings):
+    """`python -m memflow render`: one script (or a tree of them) to mp4."""
+
+    script: Optional[str] = Field(None, description="script as a JSON file or inline JSON ({'segments': [...]} or "
+                                                    "{'prompts': [...]})")
+    prompt: Optional[list[str]] = Field(None, description="a segment's prompt; repeat it for several segments, "
+                                                          "played in order")
+    seconds: float = Field(10.0, gt=0, description="length of EACH --prompt segment, in seconds: 3 prompts with "
+                                                   "--seconds 5 make a 15 s video")
+    seed: Optional[int] = Field(None, ge=0, description="override the script's seed")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: the CPUs this process may "
+                                                           "use, at most 8)")
+    output: str = Field(..., description="mp4 path; for a branching script, a folder (one <id>.mp4 per node)",
+                        json_schema_extra={"short": "-o", "metavar": "PATH"})
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m memflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("render", help="render one script to an mp4", description="Render one script to an mp4.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--script", help="script as a JSON file or inline JSON ({'segments': [...]} or {'prompts': [...]})")
-    r.add_argument("--prompt", action="append",
-                   help="a segment's prompt; repeat it for several segments, played in order")
-    r.add_argument("--seconds", type=float, default=10.0,
-                   help="length of EACH --prompt segment, in seconds (default 10): 3 prompts with --seconds 5 "
-                        "make a 15 s video")
-    r.add_argument("--seed", type=int, help="override the script's seed")
-    r.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    r.add_argument("--model", help="weights: diffusers Wan folder/URL, optionally with MemFlow base.pt + lora.pt")
-    r.add_argument("--transformer", help="transformer weights overriding --model (folder, .safetensors, .pt, base.pt)")
-    r.add_argument("--lora", help="MemFlow lora.pt to merge at load")
-    r.add_argument("--memory", default="nam", choices=MEMORY_MODES,
-                   help="memory: off (memory-free baseline), nam (the bank; default, what the checkpoint was "
-                        "trained with), nam+sma (also Sparse Memory Activation: faster)")
-    r.add_argument("--fidelity", default="reference", choices=FIDELITIES,
-                   help="memory policy: reference (default: exactly what the released MemFlow checkpoint runs "
-                        "with) or paper (the paper's clean semantics); see the README")
-    r.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the transformer blocks (auto: on a GPU)")
-    r.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="attention kernel (auto: cuDNN, then FlashAttention/FA3, then memory-efficient)")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this process may use, at most 8)")
-    r.add_argument("--max-seconds", type=float, help="longest video accepted, in seconds (default 600)")
-    r.add_argument("-o", "--output", required=True, help="mp4 path")
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
+    add_flags(r, RenderSettings)
     return p
 
 
-def render(args) -> int:
-    preset = get_preset(args.preset).with_memory(mode=args.memory, fidelity=args.fidelity)
-    script = load_script_arg(args.script, args.prompt, args.seconds, args.seed,
-                             Limits.for_preset(preset, max_seconds=args.max_seconds))
+def parse(argv=None) -> RenderSettings:
+    given = vars(_parser().parse_args(argv))
+    del given["command"]
+    return RenderSettings.from_flags(given).settings
+
+
+def render(args: RenderSettings) -> int:
+    script = load_script_arg(args.script, args.prompt, args.seconds, args.seed, args.limits(args.preset))
+    if script.continues is not None:
+        raise ScriptError("continues: a continuation names a video a batch job committed; render it with "
+                          "jobs/batch.py (or in Python: MemFlowGenerator.generate(script, prefix=its latents))")
     threads = limit_threads(args.threads)
+    if script.is_tree:
+        return render_tree_to(args, script, threads)
     from tqdm import tqdm
 
     from .pipeline import MemFlowGenerator
     from .video import write_mp4
 
     t0 = time.perf_counter()
-    gen = MemFlowGenerator.from_preset(preset, model=args.model, transformer=args.transformer, lora=args.lora,
-                                       device=args.device, compile={"auto": None, "on": True, "off": False}[args.compile],
-                                       attention=args.attention)
+    gen = MemFlowGenerator.from_settings(args)
     load_s = time.perf_counter() - t0
-    plan = script.plan(preset.memory.frames_per_chunk)
+    plan = script.plan(gen.memory.frames_per_chunk)
+    meter = quality_meter(args, plan, script.fps, gen.device)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     # two bars: the chunks generated, and the frames decoded and encoded alongside them
@@ -136,7 +140,8 @@ def render(args) -> int:
               position=0) as chunks, \
             tqdm(total=plan.num_video_frames, unit="frame", desc="decode+encode", file=sys.stderr, position=1) as bar:
         g = gen.generate(script, on_chunk=lambda e: chunks.update(1),
-                         frames_to=lambda frames: write_mp4(_counted(frames, bar), out, fps=script.fps))
+                         frames_to=lambda frames: write_mp4(_counted(meter.observe(frames), bar), out,
+                                                            fps=script.fps, crf=args.crf))
     frames, decode_s = g.decoded, g.decode_tail_seconds
     total = time.perf_counter() - t0 - load_s
     print(f"{out}: {frames} frames ({frames / g.fps:.1f} s of video at {g.fps} fps), "
@@ -144,15 +149,53 @@ def render(args) -> int:
           f"({g.generation_fps:.1f} FPS), decoding+encoding alongside, {decode_s:.1f} s after the last chunk; "
           f"{frames / total:.1f} FPS end to end (load {load_s:.1f} s, {threads} torch threads, "
           f"{'compiled' if gen.transformer.compiled else 'eager'}, memory {args.memory}, {args.fidelity} policy)")
+    video = meter.result()["video"]
+    print("quality: " + ", ".join(f"{k} {v:.4g}" for k, v in video.items() if v is not None))
     return 0
 
 
+def render_tree_to(args: RenderSettings, script, threads: int) -> int:
+    """A branching script: one mp4 per node into the --output folder, shared chunks generated once."""
+    from tqdm import tqdm
+
+    from .pipeline import MemFlowGenerator
+    from .tree import render_tree
+
+    gen = MemFlowGenerator.from_settings(args)
+    out = Path(args.output)
+    if out.suffix == ".mp4":
+        raise ScriptError(f"branches: the script has several videos; give --output a folder, not {out.name}")
+    with tqdm(unit="chunk", desc=f"generate {script.video_id} (tree)", file=sys.stderr) as bar:
+        def progress(event, *_):
+            bar.total = event.num_chunks
+            bar.update(1)
+        t0 = time.perf_counter()
+        videos = render_tree(gen, script, out, crf=args.crf, on_chunk=progress)
+    contained = sum(g.plan.num_chunks for g in videos.values())
+    for vid, g in videos.items():
+        s = g.story
+        print(f"{out / (vid + '.mp4')}: {g.decoded} frames, {g.plan.num_chunks} chunks ({s['shared']} shared, "
+              f"{s['generated']} its own)")
+    print(f"{len(videos)} videos, {contained} chunks in them, {bar.n} computed in {time.perf_counter() - t0:.1f} s "
+          f"({threads} torch threads, memory {args.memory}, {args.fidelity} policy)")
+    return 0
+
+
+def quality_meter(args: RenderSettings, plan, fps: int, device):
+    """The video's quality metrics (memflow/quality), with the backbones the settings name."""
+    from .quality import QualityMeter, load_clip, load_dino
+
+    return QualityMeter([(s.video_start, s.video_end, s.prompt) for s in plan.segments], fps,
+                        clip=load_clip(args.clip_model, device) if args.clip_model else None,
+                        dino=load_dino(args.dino_model, device) if args.dino_model else None)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        _parser().error("--threads must be at least 1")
     try:
-        return render(args)
+        return render(parse(argv))
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ScriptError as e:
         print(f"error: bad script: {e}", file=sys.stderr)
         return 2

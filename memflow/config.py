@@ -14,6 +14,8 @@ MemoryMode = Literal["off", "nam", "nam+sma"]
 MEMORY_MODES: tuple[str, ...] = ("off", "nam", "nam+sma")
 Fidelity = Literal["reference", "paper"]
 FIDELITIES: tuple[str, ...] = ("reference", "paper")
+# SDPA kernels (memflow/attention.py): auto, FA3 through PyTorch's flash backend, or one forced.
+ATTENTION_CHOICES: tuple[str, ...] = ("auto", "fa3", "cudnn", "flash", "efficient", "math")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Built once (weights loaded once), then `generate` script after script: a Ray
 replica holds one `MemFlowGenerator` for its lifetime. Per script everything that
-grows with the video (the memory) lives in a fresh `StreamMemory`.
+grows with the video lives in a `Story` (memflow/story.py): its memory, noise and
+recent latents, a value that can be forked and rebuilt by replay; `render_tree`
+(memflow/tree.py) renders a branching script with its shared chunks generated once.
 """
 from __future__ import annotations
 
@@ -18,19 +20,11 @@ from .attention import AttentionBackend
 from .chunkpipe import ChunkPipe
 from .config import MemoryConfig, Preset, fingerprint, get_preset
 from .memory import Ranker, StreamMemory
-from .sampler import TRAIN_STEPS, denoising_sigmas, sample_chunk
+from .sampler import denoising_sigmas
 from .script import Plan, Script
+from .settings import EngineSettings
+from .story import ChunkEvent, RecentLatents, Story, chunk_keys
 from .transformer import CausalWanTransformer, Compiled, Eager, build_transformer, place
-
-
-@dataclass
-class ChunkEvent:
-    """Progress of one script: sent after each chunk."""
-
-    chunk: int
-    num_chunks: int
-    seconds: float
-    segment: int
 
 
 @dataclass
@@ -47,6 +41,7 @@ class Generation:
     sma_trace: list[dict] = field(default_factory=list)  # memory frames SMA attended, per writing pass
     decoded: object = None  # what `frames_to` returned (decoding ran alongside generation)
     decode_tail_seconds: float = 0.0  # how long decoding went on after the last chunk was generated
+    story: dict | None = None  # how its chunks were obtained (memflow/tree.py `accounting`)
 
     @property
     def seconds(self) -> float:
@@ -88,27 +83,12 @@ class ChunkClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-class RecentLatents:
-    """The last `frames` latent frames generated: what a prompt switch re-caches from."""
-
-    def __init__(self, frames: int):
-        self.frames = frames
-        self.chunks: list[torch.Tensor] = []
-        self.end = 0  # latent frames generated so far
-
-    def add(self, x: torch.Tensor) -> None:
-        self.chunks.append(x)
-        self.end += x.shape[2]
-        while sum(c.shape[2] for c in self.chunks[1:]) >= self.frames:
-            self.chunks.pop(0)
-
-    def span(self, first: int, end: int) -> torch.Tensor:
-        """Frames [first, end) of the video, [1, C, n, h, w]."""
-        held = torch.cat(self.chunks, 2)
-        offset = self.end - held.shape[2]
-        if first < offset:
-            raise ValueError(f"frame {first} is no longer held (the last {self.frames} are)")
-        return held[:, :, first - offset:end - offset]
+def engine_fingerprint(preset: Preset, memory: MemoryConfig, weights: dict) -> str:
+    """The model and its memory config: the preset, where the weights came from (as given:
+    model, transformer, lora, the seed of random ones), the memory knobs and the sampler.
+    Records carry it; every chunk key starts from it (memflow/story.py)."""
+    return fingerprint({"preset": preset.name, "memory": memory.__dict__, "sigmas": denoising_sigmas(),
+                        "weights": weights})
 
 
 def default_device() -> str:
@@ -125,6 +105,7 @@ class MemFlowGenerator:
         self.memory = memory or preset.memory
         self.device = torch.device(device)
         self.step_sigmas = denoising_sigmas()
+        self.weights: dict = {"model": None, "transformer": None, "lora": None, "seed": None}  # where they came from
 
     @classmethod
     def from_preset(cls, preset: str | Preset = "tiny", *, model: str | None = None, transformer: str | None = None,
@@ -144,6 +125,7 @@ class MemFlowGenerator:
         from .vae import WanVAE
         from .weights import load_transformer_weights, resolve
 
+        weights = {"model": model, "transformer": transformer, "lora": lora, "seed": seed}  # as given
         preset = get_preset(preset) if isinstance(preset, str) else preset
         device = device or default_device()
         gpu = str(device).startswith("cuda")
@@ -169,12 +151,21 @@ class MemFlowGenerator:
         real_vae = model_dir is not None and (preset.text_encoder == "umt5" or (model_dir / "vae").exists())
         vae = (WanVAE.from_pretrained(str(model_dir), device=device, dtype=vae_dtype) if real_vae
                else WanVAE.from_config(preset.vae, seed=seed).to(device, vae_dtype))
-        return cls(net, text, vae, preset, memory, device)
+        gen = cls(net, text, vae, preset, memory, device)
+        gen.weights = weights
+        return gen
+
+    @classmethod
+    def from_settings(cls, settings: "EngineSettings", **kwargs) -> "MemFlowGenerator":
+        """Build a generator from the engine's typed settings (memflow/settings.py)."""
+        preset = get_preset(settings.preset).with_memory(mode=settings.memory, fidelity=settings.fidelity)
+        return cls.from_preset(preset, model=settings.model, transformer=settings.transformer, lora=settings.lora,
+                               device=None if settings.device == "auto" else settings.device,
+                               compile=settings.compile_flag, attention=settings.attention, **kwargs)
 
     @property
     def config_fingerprint(self) -> str:
-        return fingerprint({"preset": self.preset.name, "memory": self.memory.__dict__,
-                            "sigmas": self.step_sigmas})
+        return engine_fingerprint(self.preset, self.memory, self.weights)
 
     @property
     def fidelity(self) -> str:
@@ -192,6 +183,17 @@ class MemFlowGenerator:
         return StreamMemory(self.memory, len(self.transformer.blocks), (h // p[1]) * (w // p[2]),
                             ranker, video_id or script.video_id)
 
+    def story(self, script: Script, ranker: Ranker | None = None, video_id: str | None = None,
+              memory: StreamMemory | None = None) -> Story:
+        """A story at chunk 0 (memflow/story.py): `step()` it chunk by chunk, `fork()` it
+        where branches part, `replay()` chunks whose latents are known."""
+        return Story(self, script, memory or self.memory_for(script, ranker, video_id))
+
+    def chunk_keys(self, script: Script) -> list[str]:
+        """Each chunk's content key: equal keys, equal computation (memflow/story.py)."""
+        return chunk_keys(self.config_fingerprint, script, script.plan(self.memory.frames_per_chunk),
+                          self.latent_shape(script))
+
     def chunks(self, script: Script, mem: StreamMemory) -> Iterator[tuple[ChunkEvent, torch.Tensor]]:
         """Generate a script chunk by chunk: yields (event, the chunk's final latents
         [1, C, F, h, w] on the device) as each chunk is done, so a consumer can decode it
@@ -200,65 +202,45 @@ class MemFlowGenerator:
         The loop never waits for the device: noise is drawn on it (a generator seeded by
         the script), RoPE tables are built on it, the memory keeps its state and traces
         there. On a GPU the host runs ahead; `event.seconds` is host time."""
-        cfg, fpc = self.memory, self.memory.frames_per_chunk
-        plan = script.plan(fpc)
-        h, w = self.latent_shape(script)
-        rng = torch.Generator(self.device).manual_seed(script.seed)
-        shape = (1, self.transformer.config.in_channels, fpc, h, w)
-
-        def noise():
-            return torch.randn(shape, generator=rng, device=self.device)
-
-        recent = RecentLatents(cfg.local_attn_size)
-        text = None
-        for c in range(plan.num_chunks):
-            t0 = time.perf_counter()
-            seg = plan.segment_at(c)
-            start = c * fpc
-            switch = c == seg.start_chunk and c > 0
-            if c == seg.start_chunk:
-                text = self.transformer.text_context(self.text_encoder.encode([seg.prompt]).to(self.device))
-                if switch:
-                    self._recache(mem, recent, text)
-            if mem.bank is not None:
-                mem.update_bank(text.descriptor, c, switch)
-
-            def flow(x, timestep):
-                return self._pass(mem, x, timestep, start, text, write=False)
-
-            x0 = sample_chunk(flow, noise(), self.step_sigmas, noise)
-            context = x0
-            if cfg.context_noise > 0:
-                sigma = cfg.context_noise / TRAIN_STEPS
-                context = (1 - sigma) * x0 + sigma * noise()
-            self._pass(mem, context, cfg.context_noise, start, text, write=True,
-                       record=c % cfg.record_interval == 0)
-            recent.add(x0)
-            yield ChunkEvent(c, plan.num_chunks, time.perf_counter() - t0, seg.index), x0
+        story = Story(self, script, mem)
+        while not story.done:
+            yield story.step()
 
     def generate(self, script: Script, *, ranker: Ranker | None = None, video_id: str | None = None,
                  on_chunk: Callable[[ChunkEvent], None] | None = None, memory: StreamMemory | None = None,
-                 frames_to: Callable[[Iterator[np.ndarray]], object] | None = None) -> Generation:
+                 frames_to: Callable[[Iterator[np.ndarray]], object] | None = None,
+                 prefix: torch.Tensor | None = None) -> Generation:
         """Render a script's latents. `ranker` serves NAM (on the device, in process, by
         default; the Ray memory service in a cluster); `memory` lets tests inspect the state.
         `frames_to(frames)`: decode each chunk in a second thread while the next ones are
         generated and hand the uint8 RGB frames to it (an encoder, metrics); its return
-        value is `Generation.decoded`."""
+        value is `Generation.decoded`. `prefix`: latents [1, C, n, h, w] of the first whole
+        chunks, known from an earlier render of the same content (a video continued, a
+        render resumed): they are replayed, not generated, and decoded into the video."""
         video_id = video_id or script.video_id
-        mem = memory or self.memory_for(script, ranker, video_id)
+        story = self.story(script, ranker, video_id, memory)
+        fpc = self.memory.frames_per_chunk
+        known = list(prefix.split(fpc, dim=2)) if prefix is not None else []
+        if known and (known[-1].shape[2] != fpc or len(known) > story.plan.num_chunks):
+            raise ValueError(f"prefix: {prefix.shape[2]} latent frames are not whole chunks of this script "
+                             f"({story.plan.num_chunks} chunks of {fpc})")
         pipe = ChunkPipe(self.device).start(lambda chunks: frames_to(self.vae.decode_stream(chunks))) \
             if frames_to is not None else None
         latents: list[torch.Tensor] = []
         clock = ChunkClock(self.device)
-        peak, retrieval = 0, None
+        retrieval = None
         try:
             clock.mark()
-            for event, x0 in self.chunks(script, mem):
+            while not story.done:
+                if story.chunk < len(known):
+                    x0 = known[story.chunk].to(self.device)
+                    event = story.replay(x0)
+                else:
+                    event, x0 = story.step()
                 clock.mark()
                 latents.append(x0)
                 if pipe is not None:
                     pipe.put(x0)
-                peak = max(peak, mem.nbytes())
                 if on_chunk is not None:
                     on_chunk(event)
         except BaseException:
@@ -267,12 +249,14 @@ class MemFlowGenerator:
             raise
         finally:
             if memory is None:
-                retrieval = mem.close()
+                retrieval = story.memory.close()
         generated = time.perf_counter()
         decoded = pipe.finish() if pipe is not None else None
-        return Generation(video_id, script, script.plan(self.memory.frames_per_chunk),
-                          torch.cat(latents, 2).float().cpu(), clock.seconds(), mem.trace, peak, script.fps,
-                          retrieval, mem.sma_trace, decoded, time.perf_counter() - generated)
+        n = story.plan.num_chunks
+        return Generation(video_id, script, story.plan, torch.cat(latents, 2).float().cpu(), clock.seconds(),
+                          story.memory.trace, story.peak_bytes, script.fps, retrieval, story.memory.sma_trace, decoded,
+                          time.perf_counter() - generated,
+                          story={"chunks": n, "replayed": len(known), "generated": n - len(known)})
 
     def _pass(self, mem: StreamMemory, x, timestep: float, start: int, text, write: bool, record: bool = False):
         frames = x.shape[2]
@@ -282,7 +266,7 @@ class MemFlowGenerator:
         mem.end_pass()
         return v
 
-    def _recache(self, mem: StreamMemory, recent: "RecentLatents", text) -> None:
+    def _recache(self, mem: StreamMemory, recent: RecentLatents, text) -> None:
         """LongLive's KV re-cache at a prompt switch: recompute recent frames from the
         generated latents at the clean-context timestep under the new prompt, so the next
         chunk continues the motion under the new text. Which frames, in how many passes,

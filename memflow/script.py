@@ -1,6 +1,13 @@
 """The script schema: what a user asks for, and how it maps onto chunks.
 
-A script is a list of segments (prompt + seconds). Seconds map to latent frames as
+A script is a list of segments (prompt + seconds, and optionally a seed from which the
+noise restarts). A script may branch: `branches` are continuations of its story, each with
+its own id and segments (and branches of its own), and every node is a video of the story
+up to its end (`nodes()` flattens them: every ancestor's segments, then its own). A
+script may also continue a video rendered before (`continues`), which the batch job
+resolves into the parent's story followed by the new segments.
+
+Segments map onto chunks as follows. Seconds map to latent frames as
 seconds * fps / 4; a prompt switch takes effect at the first chunk that starts at
 or after its latent frame, and the total is rounded up to whole chunks
 (memflow-algorithm.md, section 5). As in the reference code, at most one switch
@@ -17,12 +24,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import Annotated, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
 BENCHMARK_SECONDS_PER_PROMPT = 10.0
 MAX_PROMPT_CHARS = 4000
 MAX_SEGMENTS = 1000
+MAX_DEPTH = 32  # branches inside branches
 _ID_OK = re.compile(r"[A-Za-z0-9._-]")
 StrictFloat = Annotated[float, Strict()]  # JSON ints are floats too, bools and strings are not
 
@@ -47,6 +55,7 @@ class Limits:
     max_seconds: float = 600.0
     max_pixels: int = 4 * 480 * 832  # twice Wan2.1's 480x832 on each side
     max_fps: int = 60
+    max_nodes: int = 256  # videos in one branching script, its root included
     preset: str = ""  # named in the resolution error, when the bound comes from a preset
 
     @classmethod
@@ -57,10 +66,17 @@ class Limits:
         return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
 
     def check(self, script: "Script") -> None:
-        total = sum(s.seconds for s in script.segments)
-        if total > self.max_seconds:
-            raise ValueError(f"seconds: the segments add up to {total:g} s, above this job's limit of "
-                             f"{self.max_seconds:g} s; shorten or split the script, or raise --max-seconds")
+        nodes = script.nodes()
+        if len(nodes) > self.max_nodes:
+            raise ValueError(f"branches: the script has {len(nodes)} nodes (videos of its story, the root included), "
+                             f"above this job's limit of {self.max_nodes}; split the tree or raise --max-branches")
+        for node in nodes:
+            total = sum(s.seconds for s in node.script.segments)
+            if total > self.max_seconds:
+                where = "" if node.parent is None else f"branch {node.video_id!r}: "
+                ancestors = "" if node.parent is None else " (its ancestors' included)"
+                raise ValueError(f"seconds: {where}the segments add up to {total:g} s{ancestors}, above this job's "
+                                 f"limit of {self.max_seconds:g} s; shorten or split the script, or raise --max-seconds")
         if script.resolution is not None:
             h, w = script.resolution
             if h * w > self.max_pixels:
@@ -77,6 +93,8 @@ class Segment(BaseModel):
 
     prompt: StrictStr = Field(..., description="what happens in this segment")
     seconds: StrictFloat = Field(..., description="duration of the segment in seconds")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description=(
+        "from this segment's first chunk on, noise comes from a generator seeded by (script seed, this seed)"))
 
     @field_validator("prompt")
     @classmethod
@@ -95,6 +113,64 @@ class Segment(BaseModel):
         return v
 
 
+def _check_id(v: str, what: str = "id") -> str:
+    if not v.strip() or len(v) > 512:
+        raise ValueError(f"{what} must be a non-empty string of at most 512 characters")
+    return _unicode_text(v, what)
+
+
+def safe_id(given: str) -> str:
+    """A file-name-safe id that cannot escape an output prefix: every character outside
+    [A-Za-z0-9._-] replaced; when anything had to change, a short hash of the original
+    keeps ids distinct."""
+    safe = "".join(c if _ID_OK.match(c) else "_" for c in given).lstrip(".")[:96]
+    if safe != given or not safe:
+        safe = f"{safe or 'id'}-{hashlib.sha256(given.encode()).hexdigest()[:10]}"
+    return safe
+
+
+def _segments_ok(v):
+    if not v:
+        raise ValueError("needs at least one segment ({'prompt': ..., 'seconds': ...})")
+    if len(v) > MAX_SEGMENTS:
+        raise ValueError(f"{len(v)} segments; at most {MAX_SEGMENTS}")
+    return v
+
+
+class Branch(BaseModel):
+    """A continuation of its parent's story: played after the parent's segments, with the
+    root's seed, resolution and fps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr = Field(..., description="the video id of this node (required)")
+    segments: list[Segment] = Field(..., description="played after the parent's")
+    branches: list["Branch"] = Field(default_factory=list)
+    video: StrictBool = Field(True, description="false: no video of the story up to this node's end")
+
+    @field_validator("id")
+    @classmethod
+    def _id_ok(cls, v):
+        return _check_id(v)
+
+    @field_validator("segments")
+    @classmethod
+    def _has_segments(cls, v):
+        return _segments_ok(v)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One video of a story: the flattened script (every ancestor's segments, then its own;
+    the root's seed, resolution and fps), its tree parent, and whether it is rendered."""
+
+    video_id: str
+    parent: Optional[str]
+    script: "Script"
+    video: bool
+    depth: int
+
+
 class Script(BaseModel):
     """One video. Either `segments` or the MemFlow benchmark form `prompts`
     (10 s per prompt) is given, not both."""
@@ -108,6 +184,10 @@ class Script(BaseModel):
     resolution: Optional[tuple[StrictInt, StrictInt]] = Field(None, description="(height, width); preset default "
                                                                                 "when absent")
     fps: StrictInt = Field(16, ge=1, le=120)
+    branches: list[Branch] = Field(default_factory=list, description="continuations of this story, each a video")
+    video: StrictBool = Field(True, description="false: no video of the story up to the root's end")
+    continues: Optional[StrictStr] = Field(None, description="a video id (in the job's output) or a record URL "
+                                                             "whose story this script continues")
 
     @model_validator(mode="before")
     @classmethod
@@ -126,11 +206,7 @@ class Script(BaseModel):
     @field_validator("segments")
     @classmethod
     def _has_segments(cls, v):
-        if not v:
-            raise ValueError("a script needs at least one segment ({'prompt': ..., 'seconds': ...})")
-        if len(v) > MAX_SEGMENTS:
-            raise ValueError(f"{len(v)} segments; at most {MAX_SEGMENTS}")
-        return v
+        return _segments_ok(v)
 
     @field_validator("resolution")
     @classmethod
@@ -141,18 +217,34 @@ class Script(BaseModel):
                 raise ValueError(f"resolution {h}x{w}: height and width must be positive multiples of 16")
         return v
 
-    @field_validator("id")
+    @field_validator("id", "continues")
     @classmethod
-    def _id_ok(cls, v):
-        if v is not None and (not v.strip() or len(v) > 512):
-            raise ValueError("id must be a non-empty string of at most 512 characters")
-        return v if v is None else _unicode_text(v, "id")
+    def _id_ok(cls, v, info):
+        return v if v is None else _check_id(v, info.field_name)
 
     @model_validator(mode="after")
     def _segments_required(self):
         if self.segments is None:
             raise ValueError("a script needs 'segments' (list of {prompt, seconds}) or 'prompts' (list of strings)")
+        if self.continues is not None and "seed" in self.model_fields_set:
+            raise ValueError("seed: a continuation takes its parent's seed; give its segments a 'seed' instead")
+        self._tree_ok()
         return self
+
+    def _tree_ok(self) -> None:
+        """Ids unique inside the tree, depth bounded."""
+        seen: dict[str, str] = {}
+        stack = [(b, 1, f"branches.{i}") for i, b in enumerate(self.branches)]
+        while stack:
+            branch, depth, where = stack.pop()
+            if depth > MAX_DEPTH:
+                raise ValueError(f"{where}: branches nest {depth} deep; at most {MAX_DEPTH}")
+            vid = safe_id(branch.id)
+            if vid in seen or (self.id is not None and vid == safe_id(self.id)):
+                raise ValueError(f"{where}.id: duplicate id {branch.id!r} in this tree "
+                                 f"({seen.get(vid, 'the root')} has it too); give each node its own id")
+            seen[vid] = where
+            stack += [(b, depth + 1, f"{where}.branches.{i}") for i, b in enumerate(branch.branches)]
 
     @property
     def video_id(self) -> str:
@@ -164,17 +256,60 @@ class Script(BaseModel):
         same ids on every run."""
         if self.id is None:
             return "s-" + content_hash(self)[:20]
-        safe = "".join(c if _ID_OK.match(c) else "_" for c in self.id).lstrip(".")[:96]
-        if safe != self.id or not safe:
-            safe = f"{safe or 'id'}-{hashlib.sha256(self.id.encode()).hexdigest()[:10]}"
-        return safe
+        return safe_id(self.id)
 
     def plan(self, frames_per_chunk: int = 3) -> "Plan":
         return Plan.of(self, frames_per_chunk)
 
+    @property
+    def is_tree(self) -> bool:
+        return bool(self.branches)
+
+    def nodes(self) -> list[Node]:
+        """Every video of this story, root first, depth first: each with its flattened script."""
+        root = self.flat()
+        out = [Node(root.video_id, None, root, self.video, 0)]
+        stack = [(b, root, 1) for b in reversed(self.branches)]
+        while stack:
+            branch, parent, depth = stack.pop()
+            flat = parent.model_copy(update={"id": branch.id, "segments": [*parent.segments, *branch.segments]})
+            out.append(Node(flat.video_id, parent.video_id, flat, branch.video, depth))
+            stack += [(b, flat, depth + 1) for b in reversed(branch.branches)]
+        return out
+
+    def flat(self) -> "Script":
+        """This script without its branches (and, once resolved, without `continues`): one video."""
+        if not self.branches and self.video and self.continues is None:
+            return self
+        flat = self.model_copy(update={"branches": [], "video": True, "continues": None})
+        return flat if self.id is not None else flat.model_copy(update={"id": self.video_id})
+
+    def continued(self, parent: "Script") -> "Script":
+        """A continuation resolved against its parent's (flattened) script: the parent's
+        segments, then this script's, with the parent's seed, resolution and fps."""
+        if self.continues is None:
+            raise ValueError("not a continuation")
+        update = {"segments": [*parent.segments, *self.segments], "seed": parent.seed,
+                  "resolution": parent.resolution, "fps": parent.fps, "continues": None}
+        resolved = self.model_copy(update=update)
+        return resolved if self.id is not None else resolved.model_copy(update={"id": resolved.video_id})
+
+
+def canonical(script: Script) -> dict:
+    """The script as JSON, without the fields at their defaults that older scripts did not
+    have (segment seeds, branches, video, continues): content hashes of scripts written
+    before stories existed stay what they were."""
+    body = script.model_dump(mode="json")
+    for key, default in (("branches", []), ("video", True), ("continues", None)):
+        if body.get(key) == default:
+            body.pop(key)
+    body["segments"] = [{k: v for k, v in s.items() if k != "seed" or v is not None} for s in body["segments"]]
+    return body
+
 
 def content_hash(script: Script) -> str:
-    body = script.model_dump(exclude={"id"}, mode="json")
+    body = canonical(script)
+    body.pop("id", None)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -237,6 +372,17 @@ class Plan:
         return cls(tuple(plans), n, n * fpc, fpc)
 
 
+def _allowed(loc: tuple) -> str:
+    """The fields a location in a script may have, for an unknown-field error."""
+    model = Script
+    for part in loc[:-1]:
+        if part == "segments":
+            model = Segment
+        elif part == "branches":
+            model = Branch
+    return ", ".join(name for name in model.model_fields if name != "prompts") + (", prompts" if model is Script else "")
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem, naming the field path, e.g. `segments.1.prompt: ...`."""
     parts = []
@@ -244,7 +390,7 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "script"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; allowed: id, segments, prompts, seed, resolution, fps (segments: prompt, seconds)"
+            msg = f"unknown field; allowed here: {_allowed(e['loc'])}"
         elif e["type"].endswith("_type"):  # strict: say what came instead, never coerce it
             msg += f", got {type(e['input']).__name__} {ascii(e['input'])[:40]}"
         parts.append(f"{loc}: {msg}")
@@ -253,6 +399,20 @@ def format_validation_error(err: ValidationError) -> str:
 
 class ScriptError(ValueError):
     """A script that cannot be rendered; the message names the field and the fix."""
+
+
+def check_script(script: Script, limits: Limits | None = None) -> None:
+    """Within `limits`, and every node's segments long enough to hold a chunk; raises
+    ScriptError. A continuation is checked once resolved (its parent's segments count)."""
+    try:
+        (limits or Limits()).check(script)
+        for node in script.nodes():
+            try:
+                node.script.plan()
+            except ValueError as e:
+                raise ValueError(str(e) if node.parent is None else f"branch {node.video_id!r}: {e}") from None
+    except ValueError as e:
+        raise ScriptError(str(e)) from None
 
 
 def parse_script(data, limits: Limits | None = None) -> Script:
@@ -267,10 +427,10 @@ def parse_script(data, limits: Limits | None = None) -> Script:
         raise ScriptError(f"a script is a JSON object, got {type(data).__name__}")
     try:
         script = Script.model_validate(data)
-        (limits or Limits()).check(script)
-        script.plan()  # segments too short to hold a chunk are input errors too
     except ValidationError as e:
         raise ScriptError(format_validation_error(e)) from None
     except ValueError as e:
         raise ScriptError(str(e)) from None
+    if script.continues is None:
+        check_script(script, limits)
     return script

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
 from .attention import AttentionBackend
+from .internals import check_transformer
 from .rope import apply_rope, rope_tables
 
 
@@ -191,5 +192,6 @@ def build_transformer(dims: dict, seed: int | None = 0, device=None, dtype=torch
         if seed is not None:
             torch.manual_seed(seed)
         model = CausalWanTransformer(**dims)
+    check_transformer(model)
     return place(model, device, dtype)
 

@@ -8,6 +8,7 @@ one latent frame plus the conv caches, whatever the length).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -17,6 +18,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers, load_single_file_checkpoint
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from .internals import check_vae
+
 
 class WanVAE:
     """A diffusers `AutoencoderKLWan` (Wan2.1 layout) with a streaming decoder."""
@@ -24,6 +27,7 @@ class WanVAE:
     def __init__(self, model: AutoencoderKLWan):
         if model.config.patch_size is not None:
             raise ValueError("patchified (Wan2.2-style) VAEs are not supported; use the Wan2.1 VAE")
+        check_vae(model)
         self.model = model.eval().requires_grad_(False)
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
 
@@ -85,7 +89,8 @@ class WanVAE:
 
 
 class StreamDecoder:
-    """One video's decoder state (the conv caches): `decode` chunk after chunk."""
+    """One video's decoder state (the conv caches): `decode` chunk after chunk; `fork` where
+    a story branches (each branch decodes on from the same frames)."""
 
     def __init__(self, vae: WanVAE):
         self.vae = vae
@@ -94,6 +99,11 @@ class StreamDecoder:
         cfg = vae.model.config
         self.mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(vae.device, vae.dtype)
         self.std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(vae.device, vae.dtype)
+
+    def fork(self) -> "StreamDecoder":
+        other = copy.copy(self)
+        other.cache = [c.clone() if isinstance(c, torch.Tensor) else c for c in self.cache]
+        return other
 
     def decode(self, chunk: torch.Tensor) -> list[np.ndarray]:
         """Latents [1, 16, n, h, w] -> the video frames they decode to, in order."""

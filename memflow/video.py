@@ -6,7 +6,9 @@ fragmented MP4, whose index is written up front instead of patched in at the end
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from typing import BinaryIO, Iterable, Iterator
 
 import av
@@ -61,6 +63,11 @@ class Mp4Writer:
         self.container.close()
         return self.count
 
+    def abort(self) -> None:
+        """Give up: close the file as it is (not a valid video)."""
+        if self.container is not None:
+            self.container.close()
+
 
 def write_mp4(frames: Iterable[np.ndarray], dest: Source, fps: int, crf: int = 18) -> int:
     """Encode uint8 RGB frames to H.264 MP4 at `fps` as they arrive (see Mp4Writer);
@@ -70,10 +77,39 @@ def write_mp4(frames: Iterable[np.ndarray], dest: Source, fps: int, crf: int = 1
         for frame in frames:
             writer.write(frame)
     except BaseException:
-        if writer.container is not None:
-            writer.container.close()
+        writer.abort()
         raise
     return writer.close()
+
+
+class FrameSpool:
+    """Decoded frames kept on local disk, raw, for the videos that contain them: the frames
+    before a story branches are decoded once and encoded into every branch's video."""
+
+    def __init__(self, folder: str | os.PathLike):
+        fd, self.path = tempfile.mkstemp(prefix="frames-", suffix=".raw", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.shape: tuple | None = None
+        self.count = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = frame.shape
+        self.file.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        self.count += 1
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The frames written so far, in order, read back one at a time."""
+        self.file.flush()
+        size = int(np.prod(self.shape)) if self.shape else 0
+        with open(self.path, "rb") as f:
+            for _ in range(self.count):
+                yield np.frombuffer(f.read(size), dtype=np.uint8).reshape(self.shape)
+
+    def delete(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def read_frames(src: Source) -> Iterator[np.ndarray]:

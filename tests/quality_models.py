@@ -59,8 +59,10 @@ def _align_colours(model, tokenizer) -> None:
     model.text_projection.weight.copy_(targets @ torch.linalg.pinv(text))
 
 
-def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+def save_tiny_clip(folder: Path, seed: int = 0, processor: bool = False) -> Path:
+    """`processor`: save the tokenizer and image processor together as a `CLIPProcessor`
+    (transformers 5 writes processor_config.json), else each on its own, as 4.x does."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = tokenizer(16)
     eos = tok.eos_token_id
@@ -76,8 +78,12 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
         model = CLIPModel(config)
         _align_colours(model, tok)
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    if processor:
+        CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    else:
+        tok.save_pretrained(folder)
+        images.save_pretrained(folder)
     return folder
 
 

@@ -112,9 +112,31 @@ def _processes_of(session: int, temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-def start_head(num_cpus: int = 4, timeout: float = 120, node_env: dict | None = None) -> RayHead:
-    """Start a head on 127.0.0.1 with free ports; return once its Jobs API answers.
-    `node_env`: what the node's processes get besides (credentials, as a node's secret env)."""
+def start_head(num_cpus: int = 4, timeout: float = 120, node_env: dict | None = None, attempts: int = 3) -> RayHead:
+    """Start a head on 127.0.0.1 with free ports; return once its Jobs API answers and all
+    its processes are up. `node_env`: what the node's processes get besides (credentials,
+    as a node's secret env).
+
+    The ports are chosen free here, then bound by Ray's processes a moment later, while Ray
+    picks more ports of its own from the same range: rarely, one of those takes one of ours
+    and a process of the head dies on its bind. That start is thrown away and another made
+    with new ports, `attempts` times at most."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_head_once(num_cpus, timeout, node_env)
+        except PortTaken:
+            if attempt == attempts:
+                raise
+
+
+class PortTaken(RuntimeError):
+    """A process of the head could not bind a port chosen for it."""
+
+
+_BIND_FAILED = ("address already in use", "failed to bind")  # as Ray and gRPC say it, lower case
+
+
+def _start_head_once(num_cpus: int, timeout: float, node_env: dict | None) -> RayHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's unix sockets live under it
     token_path = temp_dir / "auth_token"
     token_path.write_text(secrets.token_hex(32))
@@ -141,10 +163,33 @@ def start_head(num_cpus: int = 4, timeout: float = 120, node_env: dict | None = 
     head = RayHead(temp_dir, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, process, log)
     try:
         _wait_for_jobs_api(head, token_path.read_text(), timeout)
-    except BaseException:
+        _wait_listening(head, {gcs_port, dash_port, client_port, agent_port}, timeout)
+    except BaseException as e:
+        died, text = head.process.poll(), log.read_text(errors="replace") if log.exists() else ""
         head.stop()
+        if died is not None and any(m in text.lower() for m in _BIND_FAILED) and isinstance(e, RuntimeError):
+            raise PortTaken(text[-4000:]) from e
         raise
     return head
+
+
+def _wait_listening(head: RayHead, ports: set[int], timeout: float) -> None:
+    """Wait until processes of the head listen on all of `ports`: some (the Ray Client
+    server, the agents) bind theirs after the Jobs API answers, and one that finds its
+    port taken dies, and `ray start --block` with it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.process.returncode}:\n{head.log.read_text()[-4000:]}")
+        listening = set()
+        for p in _processes_of(head.process.pid, str(head.temp_dir)):
+            with contextlib.suppress(psutil.Error):
+                listening |= {c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        if ports <= listening:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the head did not listen on ports {sorted(ports - listening)} in {timeout:.0f} s:\n"
+                       f"{head.log.read_text()[-4000:]}")
 
 
 def _wait_for_jobs_api(head: RayHead, token: str, timeout: float) -> None:

@@ -88,7 +88,7 @@ def test_pool_starts_with_one_node_grows_as_nodes_join_and_survives_a_lost_node(
     assert lost["replica"]["node_id"] != joined.node_id and lost["attempts"] >= 2, "re-rendered elsewhere"
     summary = out.summary()
     assert (summary["committed"], summary["failed"], summary["rejected_input"]) == (len(scripts), 0, 0)
-    assert summary["replicas_served"] >= 2 and summary["config"]["replicas"] == 3
+    assert summary["replicas_served"] >= 2 and summary["plan"]["replicas"] == 3
 
 
 def test_auto_device_requests_gpu_replicas_when_the_autoscaler_can_add_gpu_nodes(ray_cluster, tmp_path):
@@ -109,7 +109,7 @@ def test_auto_device_requests_gpu_replicas_when_the_autoscaler_can_add_gpu_nodes
     status = batch.main(["--scripts", str(manifest), "--output", str(out), "--start-timeout", "3"])
     assert status == batch.EXIT_FAILED
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["device"] == "gpu" and summary["config"]["replicas"] == 4
+    assert summary["plan"]["device"] == "gpu" and summary["plan"]["replicas"] == 4
     assert summary["status"] == "failure" and "no replica came up (4 waiting" in summary["error"]
     assert "within 3 s" in summary["error"] and summary["committed"] == 0
 
@@ -145,8 +145,8 @@ def test_auto_device_reads_the_cluster_launchers_config_on_the_head(ray_client, 
     shutil.copy(REPO / "infra" / "cluster.yaml", tmp_path / "ray_bootstrap_config.yaml")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert capacity("GPU") == 8
-    args = batch.parse_args(["--device", "auto"])
+    args = batch.parse_args(["--device", "auto"]).settings
     assert batch.plan_replicas(args, scripts=100) == (True, 1, 8)
     assert batch.plan_replicas(args, scripts=3) == (True, 1, 3), "no more replicas than scripts"
-    assert batch.plan_replicas(batch.parse_args(["--min-replicas", "2", "--max-replicas", "5"]), 100) == (True, 2, 5)
-    assert batch.plan_replicas(batch.parse_args(["--device", "cpu"]), 100) == (False, 1, 1)
+    assert batch.plan_replicas(batch.parse_args(["--min-replicas", "2", "--max-replicas", "5"]).settings, 100) == (True, 2, 5)
+    assert batch.plan_replicas(batch.parse_args(["--device", "cpu"]).settings, 100) == (False, 1, 1)

@@ -118,7 +118,7 @@ def test_sma_candidates_in_chunk_1():
 def _sink_keys(mem):
     """Per block, the keys the sink slots hold."""
     c = mem.cache
-    return [None if not c.allocated else c.k[l][:, :, :c.S * T].clone() for l in range(c.num_blocks)]
+    return [None if not c.allocated else c.k[l][:, :, :c.sink_slots * T].clone() for l in range(c.num_blocks)]
 
 
 def _window_keys(mem):

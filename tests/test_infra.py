@@ -179,7 +179,7 @@ def test_rayjob_runs_batch_py_on_autoscaled_gpu_workers():
     assert flags.get("--preset") == "wan2.1-1.3b" and flags.get("--device") == "gpu"
     from jobs.batch import parse_args  # the entrypoint's flags are the driver's
 
-    args = parse_args(argv[2:])
+    args = parse_args(argv[2:]).settings
     assert args.replicas is None, "a fixed --replicas would not follow the autoscaler"
 
     assert spec["shutdownAfterJobFinishes"] is True

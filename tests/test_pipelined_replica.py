@@ -7,7 +7,8 @@ import json
 import pytest
 import ray
 
-from cluster.replica import GeneratorReplica, ReplicaConfig, record_path, video_path
+from cluster.replica import GeneratorReplica, record_path, video_path
+from cluster.settings import ReplicaSettings
 from memflow.video import probe_mp4
 
 
@@ -17,7 +18,7 @@ def _script(name: str, seconds: float = 4.5) -> dict:
 
 
 def _replica(output, pipelined: bool):
-    config = ReplicaConfig(output=str(output), preset="tiny", device="cpu", pipelined=pipelined)
+    config = ReplicaSettings(output=str(output), preset="tiny", device="cpu", pipelined=pipelined)
     return GeneratorReplica.options(num_cpus=1).remote(config, None, 0)
 
 
@@ -25,8 +26,8 @@ def _replica(output, pipelined: bool):
 def test_next_script_generates_while_the_last_one_finishes(ray_client, tmp_path, pipelined):
     replica = _replica(tmp_path / "out", pipelined)
     try:
-        refs = [replica.render.remote(_script(n), n, 1) for n in ("a", "b", "c")]
-        records = {r["id"]: r for r in ray.get(refs, timeout=600)}
+        refs = [replica.render.remote({"script": _script(n)}, n, 1) for n in ("a", "b", "c")]
+        records = {r["records"][0]["id"]: r["records"][0] for r in ray.get(refs, timeout=600)}
     finally:
         ray.kill(replica)
     # in the order they got the GPU (two calls run at once: either may take it first)
@@ -47,10 +48,10 @@ def test_a_failed_upload_fails_that_script_and_nothing_else(ray_client, tmp_path
     (out / video_path("a")).mkdir(parents=True)  # a folder where a's video would go: its upload fails
     replica = _replica(out, pipelined=True)
     try:
-        refs = {n: replica.render.remote(_script(n), n, 1) for n in ("a", "b")}
+        refs = {n: replica.render.remote({"script": _script(n)}, n, 1) for n in ("a", "b")}
         with pytest.raises(ray.exceptions.RayTaskError):
             ray.get(refs["a"], timeout=600)
-        record = ray.get(refs["b"], timeout=600)
+        [record] = ray.get(refs["b"], timeout=600)["records"]
         assert record["id"] == "b" and (out / record_path("b")).exists()
         assert not (out / record_path("a")).exists(), "no record for a script whose video did not land"
         assert json.loads((out / record_path("b")).read_text())["num_frames"] == record["num_frames"]

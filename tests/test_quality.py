@@ -123,14 +123,21 @@ def test_frames_stream_through_in_bounded_memory(backbones):
     assert peak < 40 * frame_bytes, f"peak {peak} bytes: frames are being kept"
 
 
-def test_preprocessing_follows_the_folder_processor(folders, backbones):
-    """Our torch preprocessing (on the metric device) vs transformers' own image processor."""
-    from transformers import AutoImageProcessor
+def test_preprocessing_follows_the_folder_processor(folders, backbones, tmp_path):
+    """Our torch preprocessing (on the metric device) vs transformers' own image processor,
+    for a CLIP folder written by CLIPProcessor.save_pretrained too (processor_config.json
+    under transformers 5, which must load as well)."""
+    from memflow.quality.backbones import _image_processor  # AutoImageProcessor, as transformers allows
 
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 72), torch.linspace(0, 1, 48), indexing="ij")
     smooth = (torch.stack([yy, xx, yy * xx], -1) * 255).round().to(torch.uint8)[None]
-    for folder, backbone in zip(folders, backbones):
-        reference = AutoImageProcessor.from_pretrained(folder)(images=[smooth[0].numpy()], return_tensors="pt")
+    joint = save_tiny_clip(tmp_path / "clip-processor", processor=True)
+    joint_clip = load_clip(joint)
+    frame = colour_frames("red", 1)
+    assert torch.allclose(joint_clip.image_features(frame), backbones[0].image_features(frame), atol=1e-5)
+    assert joint_clip.text_features(["a red scene"]).shape == backbones[0].text_features(["a red scene"]).shape
+    for folder, backbone in zip([*folders, joint], [*backbones, joint_clip]):
+        reference = _image_processor(folder)(images=[smooth[0].numpy()], return_tensors="pt")
         ours = backbone.preprocess(smooth)
         assert ours.shape == reference["pixel_values"].shape == (1, 3, IMAGE, IMAGE)
         assert (ours - reference["pixel_values"]).abs().max() < 0.05
@@ -162,7 +169,7 @@ def test_unusable_backbones_fail_naming_the_flag(folders, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(dino_dir, bare)
     (bare / "preprocessor_config.json").unlink()
-    with pytest.raises(BackboneError, match="--dino-model .*no preprocessor_config.json"):
+    with pytest.raises(BackboneError, match="--dino-model .*no image processor that transformers can load"):
         load_dino(bare)
     with pytest.raises(BackboneError, match="--dino-model .*no config.json"):
         check_source(str(tmp_path / "missing"), "--dino-model")

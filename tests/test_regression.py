@@ -17,6 +17,7 @@ from memflow.transformer import build_transformer
 from memflow.vae import WanVAE
 
 from .browser import find_chromium
+from .readme import run_block
 from .quality_models import save_tiny_clip, save_tiny_dino
 
 SUITE = {
@@ -78,12 +79,14 @@ def test_identical_runs_compare_clean(suite_dir, capsys):
 
 def test_quality_lands_in_records_and_parquet(suite_dir):
     """The batch job (run by the first regression run) measured every video on its
-    replica: the record holds the metrics, manifest/ and metrics/ Parquet carry them."""
-    import pyarrow.parquet as pq
+    replica: the record holds the metrics, the manifest and metrics tables carry them."""
+    from cluster.dataset import DatasetIndex
+    from cluster.storage import Storage
 
     base = suite_dir / "baseline"
-    manifest = pq.read_table(base / "manifest").to_pylist()
-    metrics = {r["id"]: r for r in pq.read_table(base / "metrics").to_pylist()}
+    index = DatasetIndex(Storage(str(base)))
+    manifest = index.read("manifest")
+    metrics = {r["id"]: r for r in index.read("metrics")}
     assert sorted(r["id"] for r in manifest) == ["a", "b"]
     for row in manifest:
         record = json.loads((base / "records" / f"{row['id']}.json").read_text())
@@ -100,13 +103,9 @@ def test_quality_lands_in_records_and_parquet(suite_dir):
 
 def test_readme_query_filters_segments(suite_dir, tmp_path):
     """The README's duckdb query, run on a dataset whose metric values are set by hand."""
-    import duckdb
-
-    from cluster.dataset import compact
+    from cluster.dataset import DatasetIndex
     from cluster.storage import Storage
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    query = re.search(r"duckdb\.sql\(\"\"\"(.*?)\"\"\"\)", readme, re.S).group(1)
     data = tmp_path / "dataset"
     shutil.copytree(suite_dir / "baseline" / "records", data / "records")
     wanted = {("a", 1), ("b", 0)}
@@ -120,8 +119,8 @@ def test_readme_query_filters_segments(suite_dir, tmp_path):
     record = json.loads((data / "records" / "a.json").read_text())  # a third video: clip fine, subject not
     record["id"], record["quality"]["video"]["subject_consistency"] = "c", 0.5
     (data / "records" / "c.json").write_text(json.dumps(record))
-    assert compact(Storage(str(data))) == 3
-    rows = duckdb.sql(query.replace("outputs/manifest", str(data / "manifest"))).fetchall()
+    assert DatasetIndex(Storage(str(data))).rebuild() == 3
+    rows = run_block("clip_score >= 25", {"outputs/": f"{data}/"})["rows"]
     assert {(r[0], r[1]) for r in rows} == wanted
 
 
@@ -258,3 +257,21 @@ def test_bad_suite_fails_the_run(suite_dir, capsys):
     status, _, _ = _run(suite_dir, "bad", suite=bad)
     assert status == 2
     assert "scripts.0.seed" in capsys.readouterr().err
+
+
+def test_a_suite_of_trees_and_continuations_is_compared_node_by_node(suite_dir):
+    stories = suite_dir / "stories.json"
+    stories.write_text(json.dumps({"name": "stories", "thresholds": SUITE["thresholds"], "scripts": [
+        {"id": "more", "continues": "t-a", "segments": [{"prompt": "night falls", "seconds": 1}]},
+        {"id": "t", "seed": 3, "segments": [{"prompt": "a harbour", "seconds": 1.5}], "branches": [
+            {"id": "t-a", "segments": [{"prompt": "fog rolls in", "seconds": 1}]},
+            {"id": "t-b", "video": False, "segments": [{"prompt": "a ship leaves", "seconds": 1}],
+             "branches": [{"id": "t-b-c", "segments": [{"prompt": "the ship is gone", "seconds": 1}]}]}]}]}))
+    baseline = suite_dir / "stories-baseline"
+    status, rows, _ = _run(suite_dir, "stories-first", suite=stories, baseline=baseline)
+    assert status == 0 and sorted(p.name for p in (baseline / "records").iterdir()) == \
+        ["more.json", "t-a.json", "t-b-c.json", "t.json"]
+    status, rows, _ = _run(suite_dir, "stories-again", suite=stories, baseline=baseline)
+    assert status == 0 and sorted(rows) == ["more", "t", "t-a", "t-b-c"], "every node, t-b (no video) left out"
+    for r in rows.values():
+        assert r["psnr_min_db"] == "inf" and r["latent_max_abs"] == 0.0 and r["traces_match"], r["id"]

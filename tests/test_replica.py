@@ -48,7 +48,7 @@ def test_replicas_get_no_credentials_from_the_driver(s3_server, s3_bucket, monke
     """The driver has credentials in its environment; what it builds its replicas from
     (Ray keeps actor arguments in its object store, which spills to disk) holds none."""
     monkeypatch.setenv("AWS_SESSION_TOKEN", "driverSessionToken/NotForReplicas")
-    args = batch.parse_args(["--output", f"s3://{s3_bucket}/out", "--endpoint-url", s3_server])
+    args = batch.parse_args(["--output", f"s3://{s3_bucket}/out", "--endpoint-url", s3_server]).settings
     blob = pickle.dumps(batch.replica_config(args, use_gpu=False))
     for secret in (SECRET_KEY, "driverSessionToken/NotForReplicas"):
         assert secret.encode() not in blob

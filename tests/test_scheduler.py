@@ -42,14 +42,17 @@ def schedule(names, pool, **kwargs):
 
 
 def test_replicas_that_die_for_good_are_replaced_and_no_task_is_lost(ray_client):
+    """"die" kills its replica's process (on a live node): a replica death, charged to the
+    script's own budget of deaths, not to its attempts."""
     pool = ReplicaPool(lambda i: Mortal.remote(), probe, size=2, max_starts=3)
     names = ["a", "b", "die", *"cdefgh"]
-    results = schedule(names, pool, per_replica=1, max_attempts=2)
+    results = schedule(names, pool, per_replica=1, max_attempts=1, max_replica_deaths=2)
     assert sorted(t.video_id for t, _ in results) == sorted(names), "each task comes back exactly once"
     done = {t.video_id: r for t, r in results if r is not None}
     assert done == {n: n.upper() for n in names if n != "die"}
     [(failed, _)] = [(t, r) for t, r in results if r is None]
-    assert failed.video_id == "die" and failed.attempts == 2 and len(failed.errors) == 2
+    assert failed.video_id == "die" and (failed.deaths, failed.attempts, failed.calls) == (2, 0, 2)
+    assert len(failed.errors) == 2 and all("died on a live node" in e for e in failed.errors), failed.errors
     assert failed.tried == {0, 1}, "retried on the other replica"
     assert sum(r.starts for r in pool.replicas) == 4, "each death replaced by a fresh actor"
     pool.close()
@@ -59,9 +62,10 @@ def test_queued_scripts_keep_their_attempts_when_the_replica_dies(ray_client):
     """One replica, two in flight: "die" kills it while "a" waits behind it in its mailbox.
     "a" never started, so its one allowed attempt is not used up."""
     pool = ReplicaPool(lambda i: Mortal.remote(), probe, size=1, max_starts=2)
-    results = dict((t.video_id, (t, r)) for t, r in schedule(["die", "a"], pool, per_replica=2, max_attempts=1))
-    assert results["a"][1] == "A" and results["a"][0].attempts == 1
-    assert results["die"][1] is None and results["die"][0].attempts == 1
+    results = dict((t.video_id, (t, r)) for t, r in schedule(["die", "a"], pool, per_replica=2, max_attempts=1,
+                                                              max_replica_deaths=1))
+    assert results["a"][1] == "A" and results["a"][0].attempts == 0 and results["a"][0].calls == 2
+    assert results["die"][1] is None and results["die"][0].deaths == 1
     pool.close()
 
 
@@ -86,13 +90,13 @@ def test_a_death_is_charged_to_the_script_generating_not_the_one_finishing(ray_c
     """One pipelined replica, both calls started: "slow" (submitted first) was finishing when
     "die", holding the GPU turn, killed the process. Only "die" uses up its one attempt;
     charging the oldest call would fail "slow" instead."""
-    pool = ReplicaPool(lambda i: Pipelined.remote(), probe, size=1, max_starts=2)
+    pool = ReplicaPool(lambda i: Pipelined.remote(), probe, size=1, max_starts=2, generating=turn_holder)
     tasks = (Task(n, n, i) for i, n in enumerate(["slow", "die"]))
     scheduler = Scheduler(pool, lambda a, t: a.render.remote(t.script), per_replica=2, max_attempts=1,
-                          generating=turn_holder)
+                          max_replica_deaths=1)
     results = {t.video_id: (t, r) for t, r in scheduler.run(tasks)}
-    assert results["slow"][1] == "SLOW" and results["slow"][0].attempts == 1
-    assert results["die"][1] is None and results["die"][0].attempts == 1 and len(results["die"][0].errors) == 1
+    assert results["slow"][1] == "SLOW" and (results["slow"][0].attempts, results["slow"][0].deaths) == (0, 0)
+    assert results["die"][1] is None and results["die"][0].deaths == 1 and len(results["die"][0].errors) == 1
     pool.close()
 
 
@@ -123,6 +127,6 @@ def test_a_stalled_replica_is_restarted_and_its_script_retried(ray_client):
     done = {t.video_id: r for t, r in results if r is not None}
     assert done == {n: n.upper() for n in "abcd"}
     [(hung, _)] = [(t, r) for t, r in results if r is None]
-    assert hung.video_id == "hang" and hung.attempts == 2
+    assert hung.video_id == "hang" and hung.attempts == 2 and hung.deaths == 0, "a stall is the script's failure"
     assert all(e.startswith("stalled: no progress for") for e in hung.errors), hung.errors
     pool.close()

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from cluster.faults import StorageUnavailable
 from cluster.storage import Storage
 
 
@@ -132,6 +133,7 @@ def test_transient_errors_are_retried_then_raised(tmp_path, monkeypatch):
         raise TimeoutError("read timed out")
 
     monkeypatch.setattr(s.fs, "cat_file", down)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(StorageUnavailable, match="kept failing after 2 retries: TimeoutError") as err:
         s.read_bytes("a.txt")
+    assert isinstance(err.value.__cause__, TimeoutError) and isinstance(err.value, OSError)
     assert len(calls) == 3  # bounded: 1 try + 2 retries

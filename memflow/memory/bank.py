@@ -14,7 +14,7 @@ from .prototype import Prototype
 class MemoryBank:
     def __init__(self, cache: KVCache):
         self.cache = cache
-        self.capacity = cache.NB
+        self.capacity = cache.bank_slots
         self.fill = 0  # slots [0, fill) hold frames
 
     @property
@@ -23,7 +23,7 @@ class MemoryBank:
 
     @property
     def first_slot(self) -> int:
-        return self.cache.S
+        return self.cache.sink_slots
 
     @property
     def frames(self) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """The KV cache of one video: every block's keys and values in one preallocated buffer.
 
-    slots:  [ sink (S) | bank (NB) | window ring (W) | pass (P) ]   x T tokens each
+    slots:  [ sink | bank | window ring | pass ]   x tokens (per frame) each
 
 Stacked over blocks, [L, B, H, slots * T, D], allocated at the first pass and written
 in place from then on: no buffer grows, nothing is concatenated per pass. A pass
@@ -20,14 +20,14 @@ from ..config import MemoryConfig
 
 class KVCache:
     def __init__(self, cfg: MemoryConfig, num_blocks: int, tokens_per_frame: int):
-        self.S = cfg.sink_size
-        self.NB = cfg.bank_size if cfg.uses_bank else 0
-        self.W = cfg.window_past_frames
-        self.P = cfg.frames_per_chunk
-        self.M = self.S + self.NB  # memory slots: SMA candidates
-        self.slots = self.M + self.W + self.P
+        self.sink_slots = cfg.sink_size
+        self.bank_slots = cfg.bank_size if cfg.uses_bank else 0
+        self.window_slots = cfg.window_past_frames
+        self.pass_slots = cfg.frames_per_chunk
+        self.memory_slots = self.sink_slots + self.bank_slots  # SMA's candidates
+        self.slots = self.memory_slots + self.window_slots + self.pass_slots
         self.num_blocks = num_blocks
-        self.T = tokens_per_frame
+        self.tokens = tokens_per_frame
         self.k: torch.Tensor | None = None  # [L, B, H, slots * T, D]
         self.v: torch.Tensor | None = None
         self.means: torch.Tensor | None = None  # [L, B, H, M, D] float32
@@ -37,17 +37,17 @@ class KVCache:
     @property
     def local_slot(self) -> int:
         """First slot of the local region [window | pass] (W + P slots)."""
-        return self.M
+        return self.memory_slots
 
     def allocate(self, like: torch.Tensor) -> None:
         """Size the buffers after a block's keys like [B, H, n * T, D]."""
         b, h, _, d = like.shape
-        shape = (self.num_blocks, b, h, self.slots * self.T, d)
+        shape = (self.num_blocks, b, h, self.slots * self.tokens, d)
         self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.means = torch.zeros(self.num_blocks, b, h, self.M, d, device=like.device)
-        self.slot_frames = torch.full((self.num_blocks, self.M), -1, dtype=torch.long, device=like.device)
-        self.slot_frames[:, :self.S] = torch.arange(self.S, device=like.device)  # the sink holds frames 0..S-1
+        self.means = torch.zeros(self.num_blocks, b, h, self.memory_slots, d, device=like.device)
+        self.slot_frames = torch.full((self.num_blocks, self.memory_slots), -1, dtype=torch.long, device=like.device)
+        self.slot_frames[:, :self.sink_slots] = torch.arange(self.sink_slots, device=like.device)  # frames 0, 1, 2
 
     @property
     def allocated(self) -> bool:
@@ -55,7 +55,7 @@ class KVCache:
 
     def frames_view(self, x: torch.Tensor) -> torch.Tensor:
         """[..., slots * T, D] seen as [..., slots, T, D]."""
-        return x.unflatten(-2, (self.slots, self.T))
+        return x.unflatten(-2, (self.slots, self.tokens))
 
     def constant(self, key, make) -> torch.Tensor:
         """A small device tensor (mask, slot index) built once per distinct key: the

@@ -46,6 +46,12 @@ class Ranker(Protocol):
     def release(self, video: str) -> dict | None:
         """Forget everything about `video`; return its retrieval summary."""
 
+    def summary(self, video: str) -> dict | None:
+        """The retrieval summary of `video` so far (it goes on)."""
+
+    def fork(self, video: str, into: str) -> None:
+        """`into` starts as a copy of everything known about `video` (a story that branches)."""
+
 
 class InProcessRanker:
     """The single-process ranker: descriptors in a dict, scored on the CPU. It keeps
@@ -69,10 +75,28 @@ class InProcessRanker:
         return kept
 
     def release(self, video):
-        state = self.videos.pop(video, None)
+        summary = self.summary(video)
+        self.videos.pop(video, None)
+        return summary
+
+    def summary(self, video):
+        state = self.videos.get(video)
         if state is None:
             return None
-        return {"recorded_frames": sorted(state["frames"]), "updates": state["trace"]}
+        return {"recorded_frames": sorted(state["frames"]), "updates": list(state["trace"])}
+
+    def export(self, video) -> dict | None:
+        """Everything known about `video`, as plain values (descriptors are never written in place)."""
+        state = self.videos.get(video)
+        return None if state is None else {k: type(v)(v) for k, v in state.items()}
+
+    def adopt(self, video, state: dict) -> None:
+        self.videos[video] = {k: type(v)(v) for k, v in state.items()}
+
+    def fork(self, video, into):
+        state = self.export(video)
+        if state is not None:
+            self.adopt(into, state)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for v in self.videos.values() for t in v["frames"].values())

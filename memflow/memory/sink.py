@@ -12,14 +12,14 @@ from .prototype import frame_means
 class FrameSink:
     def __init__(self, cache: KVCache):
         self.cache = cache
-        self.frames = cache.S
+        self.frames = cache.sink_slots
         self.held = 0  # frames [0, held) written by a clean pass
 
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor, first_frame: int) -> None:
         """Store one block's keys/values [B, H, n * T, D] of frames [first_frame,
         first_frame + n), extending the sink or overwriting it there (the memory policy
         decides when), mean keys included."""
-        c, T = self.cache, self.cache.T
+        c, T = self.cache, self.cache.tokens
         n = k.shape[2] // T
         if first_frame + n > self.frames:
             raise ValueError(f"the sink has {self.frames} frames; cannot write frames {first_frame}..{first_frame + n - 1}")

@@ -19,6 +19,8 @@ descriptors out, frame ids back.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..config import MemoryConfig
@@ -72,12 +74,13 @@ class StreamMemory:
         self._layout = lay
         local = frames - lay.own_from
         window = self.window.held_slots()
-        if local > c.P and window:
+        if local > c.pass_slots and window:
             raise ValueError("a pass longer than a chunk must start from an empty window")
         fill = self.bank.fill if self.bank is not None else 0
         memory = lay.sink_stored + lay.sink_own
-        valid = ([s < memory for s in range(c.S)] + [s < fill for s in range(c.NB)]
-                 + [c.local_slot + i in window or i >= c.W + c.P - local for i in range(c.W + c.P)])
+        region = c.window_slots + c.pass_slots  # [window | pass]: held past frames, then own frames at its end
+        valid = ([s < memory for s in range(c.sink_slots)] + [s < fill for s in range(c.bank_slots)]
+                 + [c.local_slot + i in window or i >= region - local for i in range(region)])
         self.passes += 1
         self._pass = dict(index=self.passes - 1, start=frame_start, frames=frames, write=write,
                           record=record and self.bank is not None, sink_frames=memory, valid=tuple(valid),
@@ -106,12 +109,12 @@ class StreamMemory:
         valid, chosen = p["valid"], None
         if p["sma"]:
             top_k = self.cfg.sma_top_k
-            memory_valid = c.constant(("memory", valid[:c.M]), lambda: torch.tensor(valid[:c.M]))
+            memory_valid = c.constant(("memory", valid[:c.memory_slots]), lambda: torch.tensor(valid[:c.memory_slots]))
             chosen = sma_select(q.float().mean(2), c.means[block], top_k, memory_valid)
-            local_slots = c.constant(("local", c.M), lambda: torch.arange(c.M, c.slots))
+            local_slots = c.constant(("local", c.memory_slots), lambda: torch.arange(c.memory_slots, c.slots))
             index = torch.cat([chosen, local_slots.expand(*chosen.shape[:2], -1)], -1)
             keys, values = gather_frames(c.k[block], index, T), gather_frames(c.v[block], index, T)
-            seen = (True,) * top_k + valid[c.M:]
+            seen = (True,) * top_k + valid[c.memory_slots:]
             if p["write"]:
                 self._sma_picks.append(c.slot_frames[block][chosen])
         else:
@@ -157,10 +160,10 @@ class StreamMemory:
     def _log(self, block: int, chosen: torch.Tensor | None) -> None:
         """A debug entry: memory frames are [0, sink_frames) + bank, SMA's picks index them."""
         p, lay, c = self._pass, self._layout, self.cache
-        memory_slots = [s for s in range(c.M) if p["valid"][s]]
+        memory_slots = [s for s in range(c.memory_slots) if p["valid"][s]]
         sma = None
         if chosen is not None:
-            position = torch.tensor([memory_slots.index(s) if s in memory_slots else -1 for s in range(c.M)])
+            position = torch.tensor([memory_slots.index(s) if s in memory_slots else -1 for s in range(c.memory_slots)])
             sma = position[chosen.cpu()]
         own = range(p["start"] + lay.own_from, p["start"] + p["frames"])
         self.debug.append(dict(index=p["index"], block=block, write=p["write"], start=p["start"],
@@ -229,15 +232,33 @@ class StreamMemory:
             out.append({"start": start, "frames": [[f, n] for f, n in zip(frames.tolist(), counts.tolist())]})
         return out
 
+    def summary(self) -> dict | None:
+        """The retrieval summary so far: recorded frames, what each NAM ranking kept."""
+        if self.bank is None:
+            return None
+        if self.ranker is not None:
+            return self.ranker.summary(self.video_id)
+        return {"recorded_frames": sorted(self._admitted),
+                "updates": [{"chunk": chunk, "kept": kept.tolist()} for chunk, kept in self._rankings]}
+
     def close(self) -> dict | None:
-        """Release the video's ranking state; returns the retrieval summary (recorded
-        frames, what each NAM ranking kept)."""
+        """Release the video's ranking state; returns the retrieval summary."""
         if self.bank is None:
             return None
         if self.ranker is not None:
             return self.ranker.release(self.video_id)
-        return {"recorded_frames": sorted(self._admitted),
-                "updates": [{"chunk": chunk, "kept": kept.tolist()} for chunk, kept in self._rankings]}
+        return self.summary()
+
+    def fork(self, stream_id: str) -> "StreamMemory":
+        """An independent copy, its ranking entries under `stream_id`: every tensor copied
+        in one deep copy (views, such as the newest prototype's of the prototype buffers,
+        stay views of the copy), the ranking service shared and told to fork."""
+        keep = {id(self.ranker): self.ranker, id(self.policy): self.policy, id(self.cfg): self.cfg}
+        other = copy.deepcopy(self, memo=keep)
+        other.video_id = stream_id
+        if self.ranker is not None and self.bank is not None:
+            self.ranker.fork(self.video_id, stream_id)
+        return other
 
     def nbytes(self) -> int:
         """Bytes of KV held: the preallocated cache and the prototype buffers."""

@@ -12,7 +12,7 @@ from .cache import KVCache
 class LocalWindow:
     def __init__(self, cache: KVCache):
         self.cache = cache
-        self.capacity = cache.W
+        self.capacity = cache.window_slots
         self.clear()
 
     def clear(self) -> None:
@@ -41,7 +41,7 @@ class LocalWindow:
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One block's keys/values [B, H, n * T, D] of the frames `advance` declared (the
         last n); the newest `capacity` of them go to their ring slots, in runs."""
-        T, c = self.cache.T, self.cache
+        T, c = self.cache.tokens, self.cache
         n = k.shape[2] // T
         f = max(self.start, self.end - n)
         while f < self.end and self.capacity:

@@ -1,19 +1,19 @@
 """The image and text encoders the quality metrics run on: the user's CLIP and DINO.
 
-A backbone is a folder in Hugging Face layout (config.json, weights,
-preprocessor_config.json; for CLIP also the tokenizer files), given as a local
-path or any fsspec URL. A URL is copied once into the weights cache by
-`memflow.weights.resolve`, exactly as model weights are. Models load with
-transformers from local files only (safetensors, or .bin under torch's
-weights-only loader); nothing is ever downloaded from a hub.
+A backbone is a folder in Hugging Face layout, as transformers' `save_pretrained` writes
+it (the model, its image processor, for CLIP also the tokenizer), given as a local path or
+any fsspec URL. A URL is copied once into the weights cache by `memflow.weights.resolve`,
+exactly as model weights are. Model, image processor and tokenizer load with
+transformers' own loaders (`AutoModel`, `AutoImageProcessor`, `AutoTokenizer`) from local
+files only: a folder saved by `CLIPProcessor` or by `CLIPImageProcessor`, by transformers
+4 or 5, is read the way transformers reads it. Nothing is ever downloaded from a hub.
 
-Preprocessing follows the folder's own preprocessor_config.json (resize, centre
-crop, mean/std) but runs in torch on the metric device, so frames decoded on a
-GPU are scored there in batches instead of going through PIL one by one.
+Preprocessing follows the loaded image processor (resize, centre crop, mean/std) but runs
+in torch on the metric device, so frames decoded on a GPU are scored there in batches
+instead of going through PIL one by one.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +31,18 @@ class BackboneError(ValueError):
     """A --clip-model / --dino-model that cannot be used; the message names the flag and the fix."""
 
 
-def _pair(value, name: str, flag: str) -> tuple[int, int] | int:
-    """preprocessor_config.json sizes: an int, {"shortest_edge": n} or {"height": h, "width": w}."""
+def _size(value, name: str, flag: str) -> tuple[int, int] | int:
+    """An image processor's size: an int, a shortest edge, or a height and width (a dict in
+    transformers 4, a SizeDict in 5)."""
     if isinstance(value, int):
         return value
-    if isinstance(value, dict) and "shortest_edge" in value:
-        return int(value["shortest_edge"])
-    if isinstance(value, dict) and {"height", "width"} <= value.keys():
-        return int(value["height"]), int(value["width"])
-    raise BackboneError(f"{flag}: preprocessor_config.json {name} {value!r} is not an int, "
-                        f"{{'shortest_edge': n}} or {{'height': h, 'width': w}}")
+    get = value.get if isinstance(value, dict) else lambda key: getattr(value, key, None)
+    if get("shortest_edge"):
+        return int(get("shortest_edge"))
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    raise BackboneError(f"{flag}: the image processor's {name} {value!r} is not an int, a shortest edge or a "
+                        "height and width")
 
 
 @dataclass(frozen=True)
@@ -54,19 +56,19 @@ class Preprocess:
     mode: str = "bicubic"
 
     @classmethod
-    def from_folder(cls, folder: Path, flag: str) -> "Preprocess":
-        file = folder / "preprocessor_config.json"
-        if not file.is_file():
-            raise BackboneError(f"{flag} {folder}: no preprocessor_config.json; the folder must be in Hugging Face "
-                                f"layout (save the model's image processor with save_pretrained next to it)")
-        c = json.loads(file.read_text())
-        resize = _pair(c["size"], "size", flag) if c.get("do_resize", True) and "size" in c else None
-        crop = _pair(c["crop_size"], "crop_size", flag) if c.get("do_center_crop") and "crop_size" in c else None
+    def of(cls, processor, flag: str) -> "Preprocess":
+        """The steps a transformers image processor takes (its own attributes, however its
+        files spelled them)."""
+        on = lambda name, default=False: bool(getattr(processor, name, default))  # noqa: E731
+        resize = _size(processor.size, "size", flag) if on("do_resize", True) and processor.size else None
+        crop = getattr(processor, "crop_size", None)
+        crop = _size(crop, "crop_size", flag) if on("do_center_crop") and crop else None
         if isinstance(crop, int):
             crop = (crop, crop)
-        mean, std = (c.get("image_mean", [0.0] * 3), c.get("image_std", [1.0] * 3)) if c.get("do_normalize", True) \
-            else ([0.0] * 3, [1.0] * 3)
-        return cls(resize, crop, tuple(mean), tuple(std), _RESAMPLE.get(c.get("resample", 3), "bicubic"))
+        mean, std = (processor.image_mean, processor.image_std) if on("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
+        resample = getattr(processor, "resample", 3)
+        return cls(resize, crop, tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                   _RESAMPLE.get(int(resample if resample is not None else 3), "bicubic"))
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float() / 255.0
@@ -156,7 +158,7 @@ def check_source(source: str, flag: str) -> None:
                             f"Hugging Face layout, e.g. a save_pretrained() of the model")
 
 
-def _load(source: str, flag: str, cache_dir) -> tuple[Path, object]:
+def _load(source: str, flag: str, cache_dir) -> tuple[Path, object, Preprocess]:
     from transformers import AutoModel
 
     try:
@@ -169,7 +171,26 @@ def _load(source: str, flag: str, cache_dir) -> tuple[Path, object]:
         model = AutoModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise BackboneError(f"{flag} {source}: transformers cannot load it: {e}") from None
-    return folder, model
+    try:
+        processor = _image_processor(folder)
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise BackboneError(f"{flag} {source}: no image processor that transformers can load ({e}); save the "
+                            "model's processor or image processor next to it with save_pretrained") from None
+    return folder, model, Preprocess.of(processor, flag)
+
+
+def _image_processor(folder: Path):
+    """The folder's image processor, loaded by transformers. AutoImageProcessor is the way;
+    transformers 5.4 to 5.17 refuse it without torchvision (the class it names loads fine
+    there), so then the class its config names is loaded, the config read by transformers."""
+    import transformers
+    from transformers import AutoImageProcessor, ImageProcessingMixin
+
+    try:
+        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except ImportError:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(str(folder), local_files_only=True)
+        return getattr(transformers, config["image_processor_type"]).from_pretrained(folder, local_files_only=True)
 
 
 def load_clip(source: str | os.PathLike, device="cpu", cache_dir=None) -> ClipBackbone:
@@ -177,7 +198,7 @@ def load_clip(source: str | os.PathLike, device="cpu", cache_dir=None) -> ClipBa
     from transformers import AutoTokenizer
 
     flag = ClipBackbone.flag
-    folder, model = _load(str(source), flag, cache_dir)
+    folder, model, preprocess = _load(str(source), flag, cache_dir)
     if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
         raise BackboneError(f"{flag} {source}: {type(model).__name__} is not a CLIP-style model "
                             f"(it needs both image and text embeddings)")
@@ -185,14 +206,14 @@ def load_clip(source: str | os.PathLike, device="cpu", cache_dir=None) -> ClipBa
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise BackboneError(f"{flag} {source}: no usable tokenizer in the folder: {e}") from None
-    return ClipBackbone(model.to(device), Preprocess.from_folder(folder, flag), tokenizer, str(source))
+    return ClipBackbone(model.to(device), preprocess, tokenizer, str(source))
 
 
 def load_dino(source: str | os.PathLike, device="cpu", cache_dir=None) -> ImageBackbone:
     """A DINO-family vision model folder (e.g. facebook/dino-vitb16, facebook/dinov2-base)."""
     flag = ImageBackbone.flag
-    folder, model = _load(str(source), flag, cache_dir)
+    _, model, preprocess = _load(str(source), flag, cache_dir)
     if getattr(model, "main_input_name", None) != "pixel_values":
         raise BackboneError(f"{flag} {source}: {type(model).__name__} is not a vision-only model; "
                             f"give a DINO/DINOv2 folder here (CLIP goes to --clip-model)")
-    return ImageBackbone(model.to(device), Preprocess.from_folder(folder, flag), str(source))
+    return ImageBackbone(model.to(device), preprocess, str(source))

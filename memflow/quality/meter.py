@@ -96,10 +96,17 @@ class QualityMeter:
     def observe(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Pass uint8 RGB frames [H, W, 3] through unchanged, scoring them on the way."""
         for frame in frames:
-            self._pending.append(frame)
-            if len(self._pending) >= self.batch_size:
-                self._flush()
+            self.add(frame)
             yield frame
+        self.finish()
+
+    def add(self, frame: np.ndarray) -> None:
+        """Score one frame (in batches); `finish` after the last."""
+        self._pending.append(frame)
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+
+    def finish(self) -> None:
         self._flush()
 
     def _flush(self) -> None:
