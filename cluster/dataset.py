@@ -35,6 +35,7 @@ from .storage import S3_PROTOCOLS, Storage, s3_endpoint
 
 log = logging.getLogger(__name__)
 BATCH = 5000  # records read at once, rows merged at once
+COMPACT_FILES = 64  # a table of more files is compacted after an update: a merge reads every file's ids
 
 # The video's story (a tree's node, a continuation): root and parent ids, where it forked, how
 # its prefix and chunks were obtained. Records from before stories: their own root, no parent.
@@ -219,7 +220,24 @@ class DatasetIndex:
     def add(self, rows: list[dict[str, dict]]) -> dict[str, int | None]:
         """Merge rows (`rows(record)` each) into both tables, by id (rows already there are
         left as they are), one commit per table; returns each table's version after."""
-        return {name: self._merge(name, [r[name] for r in rows]) for name in self.TABLES}
+        return {name: self.compact(name, self._merge(name, [r[name] for r in rows])) for name in self.TABLES}
+
+    def compact(self, name: str, version: int | None = None) -> int | None:
+        """The table's small files (one a run) rewritten into few, once there are more than
+        COMPACT_FILES, so that the next merges read few files; the rows are the same and
+        every version stays readable (nothing is vacuumed). A writer that commits first
+        makes it wait for a later update. Returns the table's version after (`version` if none)."""
+        from deltalake.exceptions import CommitFailedError
+
+        table = self.table(name)
+        if table is None or len(table.file_uris()) <= COMPACT_FILES:
+            return version
+        try:
+            table.optimize.compact()
+        except CommitFailedError as e:
+            log.info("dataset %s: compaction left to a later update (%s)", name, str(e).splitlines()[0][:120])
+            return version
+        return self.table(name).version()
 
     def _merge(self, name: str, rows: list[dict]) -> int | None:
         from deltalake import write_deltalake

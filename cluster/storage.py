@@ -102,6 +102,8 @@ class Storage:
         self.fs, root = fsspec.core.url_to_fs(url, **self._options)
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        self._one_request = {"max_concurrency": 1} if "s3" in protocols else {}  # s3fs's own option
         self.retries = retries
         self.backoff_s = backoff_s
         self.on_retry: Callable[[], Any] | None = None  # told of each retry: waiting on storage is not a hang
@@ -152,7 +154,9 @@ class Storage:
         return self._retry(self.fs.cat_file, self.path(rel))
 
     def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode("utf-8")
+        """A small document (a record, a listing) in one request: s3fs would first ask for
+        the size (a HEAD) to read a large object in parallel ranges."""
+        return self._retry(self.fs.cat_file, self.path(rel), **self._one_request).decode("utf-8")
 
     def list(self, rel_dir: str = "") -> list[str]:
         """Sorted names directly under a prefix; a missing prefix is empty."""

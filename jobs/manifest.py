@@ -261,5 +261,7 @@ def _preview(data: bytes | str) -> str:
     """At most PREVIEW_CHARS characters, control characters escaped (no terminal tricks in logs)."""
     if isinstance(data, bytes):
         data = data[: PREVIEW_CHARS * 4].decode("utf-8", "backslashreplace")
+    if data[:PREVIEW_CHARS].isprintable():  # most lines: nothing to escape
+        return data[:PREVIEW_CHARS]
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in data[:PREVIEW_CHARS])
     return out[:PREVIEW_CHARS]

@@ -118,9 +118,12 @@ class TaskSource:
         """A task ended: its committed videos release the continuations waiting on them;
         when it failed, those continuations fail too."""
         videos = self.in_flight.pop(task.video_id, set())
-        committed = {r["id"] for r in result["records"]} if result else set()
-        for record in result["records"] if result else []:
-            self.committed.add(record["id"], record.get("script_sha256"))
+        digests = {r["id"]: r.get("script_sha256") for r in result["records"]} if result else {}
+        committed = set(digests)
+        for vid in [v for v in videos if v in digests]:  # the line's own id strings, held by the seen ids too
+            self.committed.add(vid, digests.pop(vid))  # one copy of each id in memory
+        for vid, digest in digests.items():
+            self.committed.add(vid, digest)
         for vid in committed | videos:
             waiting = self.waiting.pop(vid, [])
             if waiting and vid not in committed and committed_record(self.storage, vid) is not None:
@@ -155,8 +158,14 @@ class TaskSource:
                 return None  # waiting for its parent
             script, parent = self._continued(script, record)
         nodes = script.nodes()
+        line_hash = content_hash(item.script)
+        hashes = {id(item.script): line_hash}  # a plain script is its own one node: hashed once
+
+        def node_hash(node) -> str:
+            return hashes.get(id(node.script)) or content_hash(node.script)
+
         # every node's id against this run's and the earlier runs' (a repeated line: rendered once)
-        first = self.seen.first(script.video_id, item.line, content_hash(item.script))
+        first = self.seen.first(script.video_id, item.line, line_hash)
         if first is not None:
             line, same = first
             if same:
@@ -165,13 +174,13 @@ class TaskSource:
             raise BadLine(f"duplicate id {script.video_id!r}: line {line} has it with different content; give one "
                           "of them another id")
         for node in nodes[1:]:
-            first = self.seen.first(node.video_id, item.line, content_hash(node.script))
+            first = self.seen.first(node.video_id, item.line, node_hash(node))
             if first is not None:
                 raise BadLine(f"duplicate id {node.video_id!r}: line {first[0]} has it too; give each video its "
                               "own id")
         todo = set()
         for node in (n for n in nodes if n.video):
-            same = self.committed.same(node.video_id, content_hash(node.script))
+            same = self.committed.same(node.video_id, node_hash(node))
             if same is None:
                 todo.add(node.video_id)
             elif not same:

@@ -32,6 +32,7 @@ MAX_PROMPT_CHARS = 4000
 MAX_SEGMENTS = 1000
 MAX_DEPTH = 32  # branches inside branches
 _ID_OK = re.compile(r"[A-Za-z0-9._-]")
+_ID_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,95}")  # ids safe_id keeps as they are
 StrictFloat = Annotated[float, Strict()]  # JSON ints are floats too, bools and strings are not
 
 
@@ -123,6 +124,8 @@ def safe_id(given: str) -> str:
     """A file-name-safe id that cannot escape an output prefix: every character outside
     [A-Za-z0-9._-] replaced; when anything had to change, a short hash of the original
     keeps ids distinct."""
+    if _ID_SAFE.fullmatch(given):  # most ids (a million a manifest): no character to look at twice
+        return given
     safe = "".join(c if _ID_OK.match(c) else "_" for c in given).lstrip(".")[:96]
     if safe != given or not safe:
         safe = f"{safe or 'id'}-{hashlib.sha256(given.encode()).hexdigest()[:10]}"

@@ -2,8 +2,7 @@
 the replicas write (cluster/replica.py build_record), no rendering."""
 from __future__ import annotations
 
-import hashlib
-import json
+from memflow.script import Script, content_hash
 
 
 def synthetic_record(video_id: str, segments: int = 2, chunks: int = 20) -> dict:
@@ -14,7 +13,7 @@ def synthetic_record(video_id: str, segments: int = 2, chunks: int = 20) -> dict
               "prompts": None, "resolution": None, "fps": 16}
     return {
         "id": video_id, "video": f"videos/{video_id}.mp4", "video_url": f"s3://bucket/out/videos/{video_id}.mp4",
-        "script": script, "script_sha256": hashlib.sha256(json.dumps(script, sort_keys=True).encode()).hexdigest(),
+        "script": script, "script_sha256": content_hash(Script.model_validate(script)),  # as the driver hashes lines
         "seed": 0, "fps": 16, "width": 64, "height": 64, "num_frames": frames, "seconds": frames / 16,
         "num_chunks": chunks, "encoding": {"codec": "h264", "crf": 18},
         "segments": [{"index": i, "prompt": p, "start_frame": bounds[i], "end_frame": bounds[i + 1],

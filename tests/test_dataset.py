@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster import dataset
 from cluster.dataset import MANIFEST, DatasetIndex, manifest_row
 from cluster.storage import Storage
 from jobs import dataset as dataset_cli
@@ -50,6 +51,18 @@ def test_runs_add_only_what_is_new_and_a_retry_adds_nothing(storage):
     assert again["manifest"] >= v2["manifest"]
     committed = index.committed()
     assert len(committed) == 35 and committed.same("a3", first[3]["script_sha256"])
+
+
+def test_a_table_of_many_runs_is_compacted_and_keeps_its_rows_and_versions(storage, monkeypatch):
+    monkeypatch.setattr(dataset, "COMPACT_FILES", 3)
+    index = DatasetIndex(storage)
+    runs = [commit(storage, [f"r{run}-{i}" for i in range(4)]) for run in range(5)]
+    versions = [index.add([index.rows(r) for r in records])["manifest"] for records in runs]
+    assert len(index.table("manifest").file_uris()) <= 3, "the small files are rewritten into few"
+    assert ids_of(index, "manifest") == ids_of(index, "metrics") == sorted(r["id"] for rs in runs for r in rs)
+    assert ids_of(index, "manifest", versions[1]) == sorted(r["id"] for rs in runs[:2] for r in rs), "time travel"
+    assert index.add([index.rows(r) for r in runs[0]])["manifest"] >= versions[-1], "a retry adds nothing"
+    assert len(index.read("manifest")) == 20
 
 
 def test_the_tables_are_made_to_agree_with_the_records_reading_only_what_differs(storage):
