@@ -538,10 +538,11 @@ def test_a_replica_that_hangs_is_restarted_and_its_script_retried(ray_head, tmp_
     assert status == batch.EXIT_PARTIAL
     out = Outputs(tmp_path / "out")
     records = check_committed(out, {"hang-0": scripts[0], "hang-2": scripts[2]}, tmp_path)
+    # hang-0's first render either hangs (charged to it) or is ended before it starts by the
+    # restart for hang-1's hang (charged to no one); either way it is rendered again
     failures = records["hang-0"]["failures"]
-    assert failures["attempts"] == 1, "its one hang, charged to it"
-    # renders of it that the cluster ended (a replica restarted under it) are charged to no one
-    assert records["hang-0"]["attempts"] == 1 + sum(failures.values()), failures
+    assert failures["attempts"] <= 1 and failures["replica_deaths"] == 0, failures
+    assert records["hang-0"]["attempts"] >= max(2, 1 + sum(failures.values())), failures
     [error] = out.errors()
     assert error["id"] == "hang-1" and error["reason"] == "failed after 2 attempt(s)"
     assert len(error["attempts"]) == 2

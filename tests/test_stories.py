@@ -173,7 +173,7 @@ def test_a_killed_long_render_resumes_from_its_checkpoint(ray_client, tmp_path):
     out = Outputs(tmp_path / "out")
     record = out.json("records/epic.json")
     failures = record["failures"]  # the kill (and any render the restart ended): never the script's own
-    assert failures["attempts"] == 0 and record["attempts"] == 1 + sum(failures.values()) >= 2, failures
+    assert failures["attempts"] == 0 and record["attempts"] >= max(2, 1 + sum(failures.values())), failures
     assert record["story"]["prefix"] == "resumed"
     replayed, generated = record["story"]["chunks"]["replayed"], record["story"]["chunks"]["generated"]
     assert replayed >= 8 and replayed + generated == record["num_chunks"], record["story"]
