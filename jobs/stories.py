@@ -118,12 +118,11 @@ class TaskSource:
         """A task ended: its committed videos release the continuations waiting on them;
         when it failed, those continuations fail too."""
         videos = self.in_flight.pop(task.video_id, set())
-        digests = {r["id"]: r.get("script_sha256") for r in result["records"]} if result else {}
-        committed = set(digests)
-        for vid in [v for v in videos if v in digests]:  # the line's own id strings, held by the seen ids too
-            self.committed.add(vid, digests.pop(vid))  # one copy of each id in memory
-        for vid, digest in digests.items():
-            self.committed.add(vid, digest)
+        records = result["records"] if result else []
+        committed = {r["id"] for r in records}
+        own = {vid: vid for vid in videos}  # the line's own id strings, held by the seen ids too: one copy in memory
+        for record in records:
+            self.committed.add(own.get(record["id"], record["id"]), record.get("script_sha256"))
         for vid in committed | videos:
             waiting = self.waiting.pop(vid, [])
             if waiting and vid not in committed and committed_record(self.storage, vid) is not None:
@@ -159,10 +158,9 @@ class TaskSource:
             script, parent = self._continued(script, record)
         nodes = script.nodes()
         line_hash = content_hash(item.script)
-        hashes = {id(item.script): line_hash}  # a plain script is its own one node: hashed once
 
-        def node_hash(node) -> str:
-            return hashes.get(id(node.script)) or content_hash(node.script)
+        def node_hash(node) -> str:  # a plain script is its own one node: hashed once
+            return line_hash if node.script is item.script else content_hash(node.script)
 
         # every node's id against this run's and the earlier runs' (a repeated line: rendered once)
         first = self.seen.first(script.video_id, item.line, line_hash)
